@@ -1,0 +1,329 @@
+/* See kp_native.h. Everything here is about the stopped window: no
+ * allocation in loops, no Python, no work that could have been done before. */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <signal.h>
+#include <stddef.h>
+#include <string.h>
+#include <sched.h>
+#include <time.h>
+#include <unistd.h>
+#include <sys/ptrace.h>
+#include <sys/syscall.h>
+#include <sys/uio.h>
+#include <sys/user.h>
+#include <sys/wait.h>
+
+#include "kp_native.h"
+
+#ifndef PTRACE_EVENT_STOP
+#define PTRACE_EVENT_STOP 128
+#endif
+
+_Static_assert(sizeof(struct kp_regs) == sizeof(struct user_regs_struct),
+               "kp_regs must mirror user_regs_struct");
+
+double kp_now_us(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec * 1e6 + ts.tv_nsec / 1e3;
+}
+
+int kp_seize(int tid)
+{
+    if (ptrace(PTRACE_SEIZE, tid, 0, (void *)(long)PTRACE_O_TRACECLONE) == 0)
+        return 0;
+    return -errno;
+}
+
+static void note_signal(struct kp_thread *th, int sig)
+{
+    if (th->nsigs < KP_MAX_SIGS)
+        th->sigs[th->nsigs++] = sig;
+}
+
+static int is_stop_signal(int sig)
+{
+    return sig == SIGSTOP || sig == SIGTSTP || sig == SIGTTIN || sig == SIGTTOU;
+}
+
+static struct kp_thread *find_tid(struct kp_thread *t, int n, int tid)
+{
+    for (int i = 0; i < n; i++)
+        if (t[i].tid == tid)
+            return &t[i];
+    return NULL;
+}
+
+static void init_thread(struct kp_thread *th, int tid)
+{
+    memset(th, 0, sizeof *th);
+    th->tid = tid;
+    th->state = KP_RUNNING;
+}
+
+/* Interpret one wait status of a thread we wait for; returns 1 if it is now
+ * stopped (or gone) for good, 0 if we must keep waiting (e.g. after resuming
+ * a stop that is not ours to keep). */
+static int on_status(struct kp_thread *t, int *n, int cap, struct kp_thread *th, int st)
+{
+    if (WIFEXITED(st) || WIFSIGNALED(st)) {
+        th->state = KP_GONE;
+        return 1;
+    }
+    if (!WIFSTOPPED(st))
+        return 0;
+    int event = (unsigned)st >> 16;
+    int sig = WSTOPSIG(st);
+    if (event == PTRACE_EVENT_CLONE) {
+        unsigned long child = 0;
+        ptrace(PTRACE_GETEVENTMSG, th->tid, 0, &child);
+        if (child && !find_tid(t, *n, (int)child) && *n < cap)
+            init_thread(&t[(*n)++], (int)child);   /* reports its own EVENT_STOP */
+    } else if (event == PTRACE_EVENT_STOP) {
+        if (is_stop_signal(sig))
+            th->group_stop = 1;
+    } else if (event == 0) {
+        /* signal-delivery-stop: it counts as our stop (any trap clears the
+         * pending interrupt); the signal is suppressed now, re-sent on release */
+        note_signal(th, sig);
+    }
+    th->state = KP_STOPPED;
+    if (ptrace(PTRACE_GETREGS, th->tid, 0, &th->regs) != 0 && errno == ESRCH)
+        th->state = KP_GONE;
+    return 1;
+}
+
+int kp_stop_all(struct kp_thread *t, int *n, int cap, long timeout_us)
+{
+    double deadline = kp_now_us() + (double)timeout_us;
+    for (int i = 0; i < *n; i++)
+        if (t[i].state == KP_RUNNING && ptrace(PTRACE_INTERRUPT, t[i].tid, 0, 0) != 0
+            && errno == ESRCH)
+            t[i].state = KP_GONE;
+
+    int idle_rounds = 0;
+    for (;;) {
+        int pending = 0, progress = 0;
+        for (int i = 0; i < *n; i++) {
+            struct kp_thread *th = &t[i];
+            if (th->state != KP_RUNNING)
+                continue;
+            int st = 0;
+            pid_t r = waitpid(th->tid, &st, __WALL | WNOHANG);
+            if (r == 0) {
+                pending++;
+                continue;
+            }
+            if (r < 0) {           /* ECHILD: exited and reaped, or not ours */
+                th->state = KP_GONE;
+                progress++;
+                continue;
+            }
+            progress++;
+            on_status(t, n, cap, th, st);
+        }
+        if (!pending)
+            return 0;
+        if (kp_now_us() > deadline)
+            return pending;
+        /* Threads need CPU to reach their stop; on few cores, give it. */
+        if (progress) {
+            idle_rounds = 0;
+        } else if (++idle_rounds < 64) {
+            sched_yield();
+        } else {
+            struct timespec ts = {0, 20000};
+            nanosleep(&ts, NULL);
+        }
+    }
+}
+
+/* Sorted disjoint ranges: binary search. */
+static int in_ranges(unsigned long v, const unsigned long *lo, const unsigned long *hi, int n)
+{
+    int a = 0, b = n;
+    while (a < b) {
+        int m = (a + b) / 2;
+        if (v < lo[m])
+            b = m;
+        else if (v >= hi[m])
+            a = m + 1;
+        else
+            return 1;
+    }
+    return 0;
+}
+
+static long range_index(unsigned long v, const unsigned long *lo, const unsigned long *hi, int n)
+{
+    int a = 0, b = n;
+    while (a < b) {
+        int m = (a + b) / 2;
+        if (v < lo[m])
+            b = m;
+        else if (v >= hi[m])
+            a = m + 1;
+        else
+            return m;
+    }
+    return -1;
+}
+
+#define SCAN_CHUNK 65536
+static unsigned long scan_buf[SCAN_CHUNK / sizeof(unsigned long)];
+
+static void scan_thread(int pid, struct kp_thread *th,
+                        const unsigned long *lo, const unsigned long *hi, int nranges,
+                        const unsigned long *stack_lo, const unsigned long *stack_hi, int nstacks,
+                        unsigned long max_scan)
+{
+    th->unsafe = 0;
+    if (in_ranges(th->regs.rip, lo, hi, nranges)) {
+        th->unsafe = 1;
+        th->hit_value = th->regs.rip;
+        th->hit_where = th->regs.rip;
+        return;
+    }
+    unsigned long sp = th->regs.rsp & ~7UL;
+    long si = range_index(sp, stack_lo, stack_hi, nstacks);
+    if (si < 0) {     /* stack not in the mappings we were given: caller re-reads maps */
+        th->unsafe = 3;
+        th->hit_where = sp;
+        return;
+    }
+    unsigned long top = stack_hi[si];
+    if (top - sp > max_scan)
+        top = sp + max_scan;
+    unsigned long minv = lo[0], maxv = hi[nranges - 1];
+    for (unsigned long at = sp; at < top;) {
+        size_t len = top - at < SCAN_CHUNK ? top - at : SCAN_CHUNK;
+        struct iovec local = {scan_buf, len}, remote = {(void *)at, len};
+        ssize_t got = process_vm_readv(pid, &local, 1, &remote, 1, 0);
+        if (got <= 0) {
+            th->unsafe = 3;
+            th->hit_where = at;
+            return;
+        }
+        size_t words = (size_t)got / sizeof(unsigned long);
+        for (size_t w = 0; w < words; w++) {
+            unsigned long v = scan_buf[w];
+            if (v < minv || v >= maxv)    /* the common case: one compare pair */
+                continue;
+            if (in_ranges(v, lo, hi, nranges)) {
+                th->unsafe = 2;
+                th->hit_value = v;
+                th->hit_where = at + w * sizeof(unsigned long);
+                return;
+            }
+        }
+        at += (size_t)got;
+    }
+}
+
+int kp_scan(int pid, struct kp_thread *t, int n,
+            const unsigned long *lo, const unsigned long *hi, int nranges,
+            const unsigned long *stack_lo, const unsigned long *stack_hi, int nstacks,
+            unsigned long max_scan_bytes)
+{
+    int unsafe = 0;
+    for (int i = 0; i < n; i++) {
+        if (t[i].state != KP_STOPPED)
+            continue;
+        if (nranges == 0) {
+            t[i].unsafe = 0;
+            continue;
+        }
+        scan_thread(pid, &t[i], lo, hi, nranges, stack_lo, stack_hi, nstacks, max_scan_bytes);
+        unsafe += t[i].unsafe != 0;
+    }
+    return unsafe;
+}
+
+int kp_write_all(int memfd, int n, const unsigned long *addr,
+                 const unsigned char *const *buf, const unsigned long *len)
+{
+    for (int i = 0; i < n; i++) {
+        ssize_t w = pwrite(memfd, buf[i], len[i], (off_t)addr[i]);
+        if (w != (ssize_t)len[i])
+            return i;
+    }
+    return -1;
+}
+
+int kp_release_all(int pid, struct kp_thread *t, int n, int keep)
+{
+    int failed = 0;
+    for (int i = 0; i < n; i++) {
+        struct kp_thread *th = &t[i];
+        if (th->state != KP_STOPPED)
+            continue;
+        /* A group-stopped thread keeps its group-stop over a detach (the
+         * kernel re-instates it); resuming it with CONT would wake it. */
+        int first = th->nsigs ? th->sigs[0] : 0;
+        long r;
+        if (keep)
+            r = th->group_stop ? ptrace(PTRACE_LISTEN, th->tid, 0, 0)
+                               : ptrace(PTRACE_CONT, th->tid, 0, (void *)(long)first);
+        else
+            r = ptrace(PTRACE_DETACH, th->tid, 0, (void *)(long)first);
+        if (r != 0 && errno != ESRCH) {
+            failed++;
+            continue;
+        }
+        /* More than one signal caught: the rest are re-queued (siginfo is
+         * simplified to a tgkill's; the kernel does not let us forge it). */
+        for (int s = 1; s < th->nsigs; s++)
+            syscall(SYS_tgkill, pid, th->tid, th->sigs[s]);
+        th->nsigs = 0;
+        th->state = r == 0 ? KP_RUNNING : KP_GONE;
+    }
+    return failed;
+}
+
+int kp_inject_syscall(struct kp_thread *th, unsigned long gadget, long nr,
+                      long a1, long a2, long a3, long a4, long a5, long a6,
+                      long *ret)
+{
+    struct user_regs_struct saved, r;
+    if (ptrace(PTRACE_GETREGS, th->tid, 0, &saved) != 0)
+        return -errno;
+    r = saved;
+    r.rip = gadget;
+    r.rax = nr;
+    /* orig_rax = -1: the kernel must not treat the stop we resume from as an
+     * interrupted syscall to restart with *our* registers. */
+    r.orig_rax = (unsigned long)-1;
+    r.rdi = a1; r.rsi = a2; r.rdx = a3; r.r10 = a4; r.r8 = a5; r.r9 = a6;
+    if (ptrace(PTRACE_SETREGS, th->tid, 0, &r) != 0)
+        return -errno;
+    for (;;) {
+        if (ptrace(PTRACE_SINGLESTEP, th->tid, 0, 0) != 0)
+            return -errno;
+        int st = 0;
+        if (waitpid(th->tid, &st, __WALL) < 0)
+            return -errno;
+        if (WIFEXITED(st) || WIFSIGNALED(st)) {
+            th->state = KP_GONE;
+            return -ESRCH;
+        }
+        int event = (unsigned)st >> 16;
+        int sig = WSTOPSIG(st);
+        if (ptrace(PTRACE_GETREGS, th->tid, 0, &r) != 0)
+            return -errno;
+        if (event == 0 && sig == SIGTRAP && r.rip == gadget + 2)
+            break;                           /* the step completed */
+        if (event == 0 && sig != SIGTRAP)
+            note_signal(th, sig);            /* arrived meanwhile: keep for later */
+        if (r.rip == gadget + 2)
+            break;
+        /* a stop before the step ran (signal, stray trap): step again */
+    }
+    *ret = (long)r.rax;
+    /* Restore everything: with the saved orig_rax/rax the kernel restarts an
+     * interrupted read/epoll_wait/nanosleep when the thread is resumed. */
+    if (ptrace(PTRACE_SETREGS, th->tid, 0, &saved) != 0)
+        return -errno;
+    return 0;
+}

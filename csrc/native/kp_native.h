@@ -1,0 +1,71 @@
+/* ksplice_py native helpers: the parts of process control that run while the
+ * target's threads are stopped, written in C so the stopped window holds no
+ * Python per-call overhead. Built through cffi (ksplice_py/native.py); this
+ * header is also the cdef, so it must stay within what cffi's parser accepts
+ * (no #include, no macros with arguments). */
+
+/* Thread states as seen by the tracer. */
+#define KP_RUNNING 0   /* seized, not (yet) stopped */
+#define KP_STOPPED 1   /* in a ptrace-stop, registers valid */
+#define KP_GONE    2   /* exited */
+
+#define KP_MAX_SIGS 8
+
+struct kp_regs {   /* == struct user_regs_struct on x86-64 */
+    unsigned long r15, r14, r13, r12, rbp, rbx, r11, r10, r9, r8;
+    unsigned long rax, rcx, rdx, rsi, rdi, orig_rax, rip, cs, eflags, rsp, ss;
+    unsigned long fs_base, gs_base, ds, es, fs, gs;
+};
+
+struct kp_thread {
+    int tid;
+    int state;
+    int group_stop;              /* stopped in a group-stop: leave it stopped */
+    int nsigs;                   /* signals caught while stopped, re-delivered on release */
+    int sigs[8];
+    struct kp_regs regs;
+    /* quiescence scan result */
+    int unsafe;                  /* 0 safe, 1 rip in a range, 2 stack word in a range, 3 stack unreadable */
+    unsigned long hit_value;     /* the offending address */
+    unsigned long hit_where;     /* rip, or the stack slot holding it */
+};
+
+/* Seize one thread (PTRACE_SEIZE with TRACECLONE). Returns 0 or -errno. */
+int kp_seize(int tid);
+
+/* Interrupt every RUNNING thread of t[0..*n) and wait until each is stopped,
+ * gone, or the deadline passes. Threads born meanwhile are appended (up to
+ * cap) and waited for too. Registers of stopped threads are read. Returns the
+ * number of threads that did not stop in time (0 = world stopped). */
+int kp_stop_all(struct kp_thread *t, int *n, int cap, long timeout_us);
+
+/* Conservative quiescence scan of stopped threads: a thread is unsafe when its
+ * rip or any aligned word from rsp to its stack's top lies in one of the
+ * sorted, disjoint ranges [lo[i], hi[i]). stack_lo/stack_hi: sorted disjoint
+ * writable mappings, to find each thread's stack top. Returns unsafe count. */
+int kp_scan(int pid, struct kp_thread *t, int n,
+            const unsigned long *lo, const unsigned long *hi, int nranges,
+            const unsigned long *stack_lo, const unsigned long *stack_hi, int nstacks,
+            unsigned long max_scan_bytes);
+
+/* Write n buffers at their addresses through /proc/PID/mem. Returns the index
+ * of the first failing write, or -1 when all succeeded. */
+int kp_write_all(int memfd, int n, const unsigned long *addr,
+                 const unsigned char *const *buf, const unsigned long *len);
+
+/* Release every stopped thread: PTRACE_DETACH (or PTRACE_CONT when keep is
+ * set) re-delivering the signals caught while stopped. Returns the count of
+ * threads that could not be released. */
+int kp_release_all(int pid, struct kp_thread *t, int n, int keep);
+
+/* Run one raw syscall in a stopped thread: rip := gadget (a `syscall`
+ * instruction), single-step it, and restore every register exactly, so an
+ * interrupted syscall of the thread restarts as if nothing happened. Signals
+ * arriving meanwhile are recorded in th for re-delivery. Returns 0 and the
+ * syscall's result in *ret, or -errno of the ptrace failure. */
+int kp_inject_syscall(struct kp_thread *th, unsigned long gadget, long nr,
+                      long a1, long a2, long a3, long a4, long a5, long a6,
+                      long *ret);
+
+/* Microseconds on CLOCK_MONOTONIC, for measuring the pause. */
+double kp_now_us(void);

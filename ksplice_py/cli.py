@@ -1,0 +1,179 @@
+"""`hotpatch`: a thin layer that parses, calls the library, and prints.
+
+Exit codes (design.md): 0 done, 2 bad usage/input, 3 no safe moment,
+4 patch does not fit, 1 anything else. Errors are one line on stderr.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+from typing import Callable
+
+from . import errors
+from .patchfile import PatchFile, cflags
+from .process import attach
+
+
+class _Usage(errors.BadInput):
+    pass
+
+
+class Interrupted(BaseException):
+    """SIGTERM/SIGINT: unwind through every cleanup path, then exit 1."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2, no usage dump
+        raise _Usage(f"{message} (see hotpatch --help)")
+
+
+def _pid(text: str) -> int:
+    if not text.isdigit():
+        raise _Usage(f"pid must be a number, not {text!r}")
+    return int(text)
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise _Usage(f"--timeout takes seconds, not {text!r}") from None
+    if not 0 < value <= 86400:
+        raise _Usage("--timeout must be between 0 and 86400 seconds")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="hotpatch", description="Replace functions in a running process.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    def cmd(name: str, help: str) -> argparse.ArgumentParser:
+        c = sub.add_parser(name, help=help, description=help)
+        c.error = p.error  # type: ignore[method-assign]
+        c.add_argument("--json", action="store_true", help="machine-readable output")
+        return c
+
+    c = cmd("apply", "run the whole patch cycle on a live process")
+    c.add_argument("pid", type=str)
+    c.add_argument("patch")
+    c.add_argument("--timeout", type=str, default="5", help="seconds to wait for a safe moment (default 5)")
+    c = cmd("check", "would the patch apply now? (prepare, finalize, one probe, abort)")
+    c.add_argument("pid", type=str)
+    c.add_argument("patch")
+    c = cmd("list", "the editions applied to a process, newest first")
+    c.add_argument("pid", type=str)
+    c = cmd("info", "what a patch replaces, wraps and needs")
+    c.add_argument("patch")
+    cmd("cflags", "compiler flags for building patches")
+    return p
+
+
+# -- commands ---------------------------------------------------------------
+
+def do_apply(a) -> tuple[dict, str]:
+    with attach(_pid(a.pid)) as proc:
+        e = proc.apply(a.patch, timeout=_seconds(a.timeout))
+    funcs = ", ".join(f"{f.symbol}" + (" (wrapped)" if f.kind == "wrap" else "") for f in e.functions)
+    text = (f"edition {e.id} applied to pid {a.pid}: {funcs}; "
+            f"pause {e.pause_us:.0f} µs ({e.attempts} attempt{'s' if e.attempts != 1 else ''})")
+    return e.to_dict() | {"pid": int(a.pid)}, text
+
+
+def do_check(a) -> tuple[dict, str]:
+    with attach(_pid(a.pid)) as proc:
+        r = proc.check(a.patch)
+    funcs = ", ".join(f["symbol"] for f in r.functions)
+    if r.safe_now:
+        text = f"{r.patch} fits pid {r.pid} ({funcs}) and could be switched now (probe pause {r.pause_us:.0f} µs)"
+    else:
+        why = "; ".join(b.describe() for b in r.blockers)
+        text = f"{r.patch} fits pid {r.pid} ({funcs}) but would wait now: {why}"
+    return r.to_dict(), text
+
+
+def do_list(a) -> tuple[list, str]:
+    with attach(_pid(a.pid)) as proc:
+        eds = proc.editions()
+    if not eds:
+        return [], f"no editions in pid {a.pid}"
+    rows = [f"{'ID':>4}  {'STATE':<10} {'PAUSE':>8}  {'PATCH':<24} FUNCTIONS"]
+    for e in eds:
+        pause = f"{e.pause_us:.0f}µs" if e.pause_us else "-"
+        rows.append(f"{e.id:>4}  {e.state:<10} {pause:>8}  {e.patch:<24} "
+                    + ", ".join(f.symbol for f in e.functions))
+    return [e.to_dict() for e in eds], "\n".join(rows)
+
+
+def do_info(a) -> tuple[dict, str]:
+    d = PatchFile.load(a.patch).to_dict()
+    lines = [f"{a.patch}: sha256 {d.get('sha256', '?')}"]
+    for key, label in (("replaces", "replaces"), ("wraps", "wraps"), ("symbols", "needs symbol"),
+                       ("pins", "pinned to"), ("imports", "imports")):
+        for item in d.get(key, []):
+            lines.append(f"  {label:<13} {_fmt(item)}")
+    return d, "\n".join(lines)
+
+
+def _fmt(item) -> str:
+    if isinstance(item, dict):
+        return "  ".join(f"{v}" for v in item.values() if v not in (None, ""))
+    return str(item)
+
+
+def do_cflags(a) -> tuple[str, str]:
+    flags = cflags()
+    return flags, flags
+
+
+COMMANDS: dict[str, Callable] = {
+    "apply": do_apply, "check": do_check, "list": do_list, "info": do_info, "cflags": do_cflags,
+}
+
+
+# -- entry point --------------------------------------------------------------
+
+def _on_signal(signum, frame):
+    raise Interrupted(signal.Signals(signum).name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # `hotpatch <pid> <patch.so>` is `hotpatch apply <pid> <patch.so>`
+    positional = [x for x in argv if not x.startswith("-")]
+    if positional and positional[0].isdigit():
+        argv.insert(0, "apply")
+    as_json = "--json" in argv
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    try:
+        args = build_parser().parse_args(argv)
+        if not args.command:
+            raise _Usage("no command given")
+        data, text = COMMANDS[args.command](args)
+        print(json.dumps(data, indent=2) if as_json else text)
+        return 0
+    except errors.HotpatchError as e:
+        return _fail(str(e), e.exit_code, as_json, e.details)
+    except Interrupted as e:
+        return _fail(f"interrupted by {e}; the target was left running and unchanged", 1, as_json)
+    except SystemExit as e:  # --help
+        return int(e.code or 0)
+    except Exception as e:  # a bug: still one line, still exit 1
+        if os.environ.get("KSPLICE_PY_DEBUG"):
+            raise
+        return _fail(f"internal error: {type(e).__name__}: {e} (set KSPLICE_PY_DEBUG=1 for details)", 1, as_json)
+
+
+def _fail(message: str, code: int, as_json: bool, details: dict | None = None) -> int:
+    message = " ".join(message.split())  # one line, whatever was inside
+    print(f"hotpatch: {message}", file=sys.stderr)
+    if as_json:
+        print(json.dumps({"error": message, "exit_code": code, **(details or {})}))
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

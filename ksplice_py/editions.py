@@ -1,0 +1,156 @@
+"""Editions: the record of applied patches, kept inside the target.
+
+Each edition owns one memfd-backed region named ``ksplice_py:ed<ID>:<patch>``
+(memfd names show in /proc/PID/maps on every kernel). Its first pages hold
+the record; the patch image and stubs follow. The record therefore lives and
+dies with the edition's memory: `hotpatch list` from any later invocation
+reads the truth from the target, and nothing depends on a host file.
+
+Record layout (little-endian), at the region's start:
+
+    0   16  magic
+    16  16  state, ASCII, NUL padded     <- small fixed fields: updated with
+    32   8  pause_us  (f64)                 one short pwrite each, so a tool
+    40   8  applied_at (f64, unix time)     killed mid-update never tears them
+    48   8  attempts (u64)
+    56   8  json length (u64)
+    64   .. JSON: everything fixed at prepare/apply time
+
+The JSON is written once, before any trampoline can point at the region;
+states then move prepared -> switching -> applied (-> reverting), each a
+16-byte write. See cycle.py for the order of writes that makes a crash at any
+instant recoverable.
+"""
+from __future__ import annotations
+
+import json
+import re
+import struct
+from dataclasses import asdict, dataclass, field
+
+from .maps import Mapping
+from .memory import RemoteMemory
+
+MAGIC = b"KSPLICEPY-REC\x00\x01\x00"
+HEADER = struct.Struct("<16s16sddQQ")
+PREFIX = "ksplice_py:ed"
+_NAME_RE = re.compile(r"^/memfd:ksplice_py:ed(\d+)(:stubs)?(?::(.*?))?(?: \(deleted\))?$")
+
+STATES = ("preparing", "prepared", "switching", "applied", "reverting")
+
+
+@dataclass
+class FunctionSwitch:
+    target: str  # as the patch wrote it
+    symbol: str  # resolved, object-qualified
+    kind: str  # "replace" | "wrap"
+    addr: int  # the old function
+    size: int
+    new_addr: int  # where the trampoline jumps (new code, or its far stub)
+    old_bytes: str  # hex: what the trampoline overwrote (restored on revert)
+    new_bytes: str  # hex: the trampoline
+    stub_addr: int | None = None  # call-original stub (WRAP)
+
+
+@dataclass
+class Edition:
+    id: int
+    patch: str
+    sha256: str
+    state: str = "preparing"
+    functions: list[FunctionSwitch] = field(default_factory=list)
+    regions: list[tuple[int, int]] = field(default_factory=list)  # (start, size)
+    pins: dict[str, str] = field(default_factory=dict)
+    prepared_at: float = 0.0
+    applied_at: float | None = None
+    pause_us: float | None = None
+    attempts: int = 0
+
+    @property
+    def record_addr(self) -> int:
+        return self.regions[0][0]
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["regions"] = [[hex(a), s] for a, s in self.regions]
+        for f in d["functions"]:
+            for k in ("addr", "new_addr", "stub_addr"):
+                if f[k] is not None:
+                    f[k] = hex(f[k])
+        return d
+
+    # -- record encoding --------------------------------------------------
+    def body(self) -> bytes:
+        d = asdict(self)
+        for k in ("state", "applied_at", "pause_us", "attempts"):
+            d.pop(k)
+        return json.dumps(d, separators=(",", ":")).encode()
+
+    def header(self) -> bytes:
+        return HEADER.pack(
+            MAGIC, self.state.encode(), self.pause_us or 0.0, self.applied_at or 0.0,
+            self.attempts, len(self.body()),
+        )
+
+    def state_bytes(self, state: str) -> tuple[int, bytes]:
+        """(address, bytes) that set the record's state: one 16-byte write."""
+        return self.record_addr + 16, state.encode().ljust(16, b"\0")
+
+
+def record_size(nfuncs: int) -> int:
+    """Bytes to reserve for a record of nfuncs functions (page multiple)."""
+    need = HEADER.size + 1024 + 640 * nfuncs
+    return (need + 4095) & ~4095
+
+
+def region_name(edition_id: int, patch_name: str, stubs: bool = False) -> str:
+    safe = re.sub(r"[^A-Za-z0-9._+-]", "_", patch_name)[:64]
+    return f"{PREFIX}{edition_id}:stubs" if stubs else f"{PREFIX}{edition_id}:{safe}"
+
+
+def regions_in(maps: list[Mapping]) -> dict[int, list[Mapping]]:
+    """Mappings of ksplice_py regions, by edition id (primary region first)."""
+    out: dict[int, list[Mapping]] = {}
+    for m in maps:
+        hit = _NAME_RE.match(m.path)
+        if hit:
+            out.setdefault(int(hit.group(1)), []).append(m)
+    for ms in out.values():
+        ms.sort(key=lambda m: (":stubs" in m.path, m.start))
+    return out
+
+
+def read_edition(mem: RemoteMemory, start: int) -> Edition | None:
+    """Decode the record at a region start; None if it is not (yet) valid."""
+    try:
+        magic, state, pause, applied, attempts, n = HEADER.unpack(mem.read(start, HEADER.size))
+        if magic != MAGIC or n == 0 or n > 64 << 20:
+            return None
+        d = json.loads(mem.read(start + HEADER.size, n))
+        d["functions"] = [FunctionSwitch(**f) for f in d["functions"]]
+        d["regions"] = [tuple(r) for r in d["regions"]]
+        ed = Edition(**d)
+    except (ValueError, TypeError, KeyError, struct.error):
+        return None
+    ed.state = state.rstrip(b"\0").decode(errors="replace")
+    ed.pause_us = pause or None
+    ed.applied_at = applied or None
+    ed.attempts = attempts
+    return ed
+
+
+def list_editions(mem: RemoteMemory, maps: list[Mapping]) -> tuple[list[Edition], list[int]]:
+    """(editions newest first, ids of regions with no valid record)."""
+    editions, orphans = [], []
+    for eid, ms in sorted(regions_in(maps).items(), reverse=True):
+        primary = [m for m in ms if m.offset == 0 and ":stubs" not in m.path]
+        ed = read_edition(mem, primary[0].start) if primary else None
+        if ed is None:
+            orphans.append(eid)
+        else:
+            editions.append(ed)
+    return editions, orphans
+
+
+def next_id(maps: list[Mapping]) -> int:
+    return max(regions_in(maps), default=0) + 1

@@ -1,0 +1,94 @@
+"""Quiescence: may the code be switched now?
+
+A thread is safe for a switch when neither its ``rip`` nor any return
+address on its stack lies in code that the switch retires. The scan itself
+runs in C inside the stopped window (``tracer.World.scan``, conservative:
+every aligned word from rsp to the top of the thread's stack mapping); this
+module decides *which* code counts and explains, afterwards, who blocked.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+SAFE, IN_RIP, ON_STACK, STACK_UNKNOWN, NOT_STOPPED = 0, 1, 2, 3, 4
+
+
+@dataclass(frozen=True)
+class CodeRange:
+    """Code a thread must not be in: [start, end) and a name for reports."""
+
+    start: int
+    end: int
+    name: str
+
+
+def busy_ranges(old_code: Iterable[CodeRange], retired_code: Iterable[CodeRange] = ()) -> list[CodeRange]:
+    """The stacking rule, in one place.
+
+    Applying a patch retires the code each replaced function runs *now*: the
+    original function (whose first bytes the trampoline overwrites), and, if
+    an earlier edition already redirected it, that edition's code too, since
+    threads inside it would otherwise keep running superseded code.
+    Reverting retires the edition's new code and its call-original stubs
+    (they are unmapped) plus the trampoline windows being rewritten.
+    Callers pass both kinds; the union is what a thread must not be in."""
+    ranges = [r for r in (*old_code, *retired_code) if r.end > r.start]
+    return sorted(ranges, key=lambda r: r.start)
+
+
+def thread_is_safe(rip: int, stack_words: Iterable[int], ranges: list[CodeRange]) -> bool:
+    """Reference predicate (the C scan implements exactly this): no rip and
+    no stack word inside any busy range."""
+    def inside(v: int) -> bool:
+        return any(r.start <= v < r.end for r in ranges)
+    return not inside(rip) and not any(inside(w) for w in stack_words)
+
+
+@dataclass(frozen=True)
+class Blocker:
+    """A thread that kept the cutover from happening, and why."""
+
+    tid: int
+    comm: str
+    reason: str  # human sentence
+    addr: int | None = None
+    where: str | None = None  # symbolized address
+
+    def describe(self) -> str:
+        return f"thread {self.tid} ({self.comm}) {self.reason}"
+
+    def to_dict(self) -> dict:
+        return {"tid": self.tid, "comm": self.comm, "reason": self.reason,
+                "addr": hex(self.addr) if self.addr is not None else None, "where": self.where}
+
+
+def thread_name(pid: int, tid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/task/{tid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return "?"
+
+
+def blocker(pid: int, tid: int, verdict: int, value: int, ranges: list[CodeRange],
+            symbolize: Callable[[int], str]) -> Blocker:
+    owner = next((r.name for r in ranges if r.start <= value < r.end), None)
+    where = symbolize(value) if verdict in (IN_RIP, ON_STACK) else None
+    if verdict == IN_RIP:
+        reason = f"is executing {where} (in {owner})"
+    elif verdict == ON_STACK:
+        reason = f"has a return address into {owner} on its stack ({where})"
+    elif verdict == STACK_UNKNOWN:
+        reason = "has a stack outside any known mapping"
+    else:
+        reason = "did not stop in time (uninterruptible sleep?)"
+    return Blocker(tid, thread_name(pid, tid), reason, value, where)
+
+
+def summarize(blockers: list[Blocker], limit: int = 3) -> str:
+    text = "; ".join(b.describe() for b in blockers[:limit])
+    if len(blockers) > limit:
+        text += f"; and {len(blockers) - limit} more"
+    return text
+

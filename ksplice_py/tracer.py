@@ -1,0 +1,284 @@
+"""Process control: ptrace over every thread of a target.
+
+Two tools, both context managers that release on every path:
+
+* ``World`` seizes all threads and can stop them all at once (the cutover).
+* ``Injector`` borrows one thread for raw syscalls (mmap & co. in prepare).
+
+Threads are seized only for the operation that needs them, never across the
+Python work between phases: a seized thread that gets a signal or calls
+clone() waits for its tracer, and we do not want the target waiting on our
+ELF parsing. If the tool dies, the kernel detaches every tracee.
+"""
+from __future__ import annotations
+
+import errno
+import os
+from dataclasses import dataclass
+
+from . import native
+from .errors import AccessDenied, NoSuchProcess, RemoteError, TargetGone
+from .maps import Mapping
+
+MAX_THREADS = 65536
+
+
+@dataclass(frozen=True)
+class ThreadState:
+    """A stopped thread, copied out of the C array for reporting."""
+
+    tid: int
+    rip: int
+    rsp: int
+    regs: dict[str, int]
+
+
+def list_tids(pid: int) -> list[int]:
+    try:
+        tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+    except FileNotFoundError:
+        raise TargetGone(f"process {pid} exited") from None
+    return sorted(t for t in tids if not _is_zombie(pid, t))
+
+
+def _is_zombie(pid: int, tid: int) -> bool:
+    # A leader that called pthread_exit stays listed as a zombie; it will
+    # never stop, so waiting for it would hang.
+    try:
+        with open(f"/proc/{pid}/task/{tid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in "ZX"
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return True
+
+
+def check_target(pid: int) -> None:
+    """Refuse what can never be patched, before touching it."""
+    if pid <= 0:
+        raise NoSuchProcess(f"invalid pid {pid}")
+    if pid == os.getpid():
+        raise AccessDenied("refusing to patch the hotpatch process itself")
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            status = f.read()
+    except FileNotFoundError:
+        raise NoSuchProcess(f"no process with pid {pid}") from None
+    fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+    # Kernel threads have no user address space: no VmSize line, no exe.
+    if "VmSize" not in fields:
+        raise NoSuchProcess(f"pid {pid} is a kernel thread; only user processes can be patched")
+    tracer = int(fields.get("TracerPid", "0").strip() or 0)
+    if tracer and tracer != os.getpid():
+        raise AccessDenied(
+            f"process {pid} is already traced by pid {tracer} (a debugger?); detach it first"
+        )
+
+
+def _seize_error(pid: int, tid: int, err: int) -> Exception:
+    if err == errno.EPERM:
+        try:
+            check_target(pid)
+        except AccessDenied as e:
+            return e
+        return AccessDenied(f"not allowed to trace process {pid} (need root or CAP_SYS_PTRACE)")
+    return RemoteError(f"cannot attach to thread {tid} of process {pid}: {os.strerror(err)}")
+
+
+class World:
+    """Every thread of one process, seized; ``stop()`` freezes them all."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.ffi, self.lib = native.load()
+        self._cap = 64
+        self._arr = self.ffi.new("struct kp_thread[]", self._cap)
+        self._n = self.ffi.new("int *", 0)
+        self.stopped = False
+
+    # -- attach -----------------------------------------------------------
+    def seize(self) -> "World":
+        """Seize every thread; repeat until no new thread appears (threads
+        cloned by an already-seized thread are auto-attached)."""
+        seen: set[int] = set()
+        while True:
+            fresh = [t for t in list_tids(self.pid) if t not in seen]
+            if not fresh:
+                break
+            for tid in fresh:
+                seen.add(tid)
+                rc = self.lib.kp_seize(tid)
+                if rc == -errno.ESRCH:
+                    continue  # the thread exited meanwhile
+                if rc != 0:
+                    if not self._n[0]:
+                        raise _seize_error(self.pid, tid, -rc)
+                    self.release()
+                    raise _seize_error(self.pid, tid, -rc)
+                self._append(tid)
+        if not self._n[0]:
+            raise TargetGone(f"process {self.pid} exited")
+        return self
+
+    def _append(self, tid: int) -> None:
+        if self._n[0] == self._cap:
+            self._grow(self._cap * 2)
+        t = self._arr[self._n[0]]
+        t.tid = tid
+        t.state = self.lib.KP_RUNNING
+        self._n[0] += 1
+
+    def _grow(self, cap: int) -> None:
+        cap = min(cap, MAX_THREADS)
+        new = self.ffi.new("struct kp_thread[]", cap)
+        self.ffi.memmove(new, self._arr, self.ffi.sizeof("struct kp_thread") * self._n[0])
+        self._arr, self._cap = new, cap
+
+    # -- the stopped window ----------------------------------------------
+    def stop(self, timeout_s: float) -> list[int]:
+        """Stop all threads. Returns tids that did not stop in time."""
+        # Room for threads born during the stop; grown before, not inside.
+        if self._cap - self._n[0] < 64:
+            self._grow(self._cap + 256)
+        late = self.lib.kp_stop_all(self._arr, self._n, self._cap, int(timeout_s * 1e6))
+        self.stopped = True
+        if self.alive() == 0:
+            raise TargetGone(f"process {self.pid} exited")
+        if late:
+            return [t.tid for t in self.threads() if t.state == self.lib.KP_RUNNING]
+        return []
+
+    def threads(self):
+        return [self._arr[i] for i in range(self._n[0])]
+
+    def alive(self) -> int:
+        return sum(1 for t in self.threads() if t.state != self.lib.KP_GONE)
+
+    def scan(self, ranges: list[tuple[int, int]], maps: list[Mapping], max_scan: int = 8 << 20) -> int:
+        """Conservative scan (C); per-thread verdicts land in ``unsafe``."""
+        ranges = _merge(ranges)
+        stacks = _merge([(m.start, m.end) for m in maps if m.writable])
+        ffi = self.ffi
+        lo = ffi.new("unsigned long[]", [r[0] for r in ranges] or [0])
+        hi = ffi.new("unsigned long[]", [r[1] for r in ranges] or [0])
+        slo = ffi.new("unsigned long[]", [s[0] for s in stacks] or [0])
+        shi = ffi.new("unsigned long[]", [s[1] for s in stacks] or [0])
+        return self.lib.kp_scan(self.pid, self._arr, self._n[0], lo, hi, len(ranges),
+                                slo, shi, len(stacks), max_scan)
+
+    def release(self, keep: bool = False) -> None:
+        """Detach every stopped thread (re-delivering caught signals).
+        Threads that never stopped are waited for briefly so none is left in
+        a ptrace-stop behind us; the kernel detaches the rest when we exit."""
+        if not self._n[0]:
+            return
+        self.lib.kp_release_all(self.pid, self._arr, self._n[0], int(keep))
+        late = [t for t in self.threads() if t.state == self.lib.KP_RUNNING]
+        if late and not keep:
+            if self.stopped:
+                self.lib.kp_stop_all(self._arr, self._n, self._cap, 200_000)
+            else:  # seized but never interrupted: interrupt so we can detach
+                self.lib.kp_stop_all(self._arr, self._n, self._cap, 200_000)
+            self.lib.kp_release_all(self.pid, self._arr, self._n[0], 0)
+        if not keep:
+            self._n[0] = 0
+        self.stopped = False
+
+    def __enter__(self) -> "World":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[list[int]] = []
+    for lo, hi in sorted(ranges):
+        if out and lo <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], hi)
+        else:
+            out.append([lo, hi])
+    return [(a, b) for a, b in out]
+
+
+# -- syscall injection ------------------------------------------------------
+
+SYS = {"mmap": 9, "mprotect": 10, "munmap": 11, "close": 3, "ftruncate": 77, "memfd_create": 319}
+
+
+class Injector:
+    """One thread of the target, borrowed to run raw syscalls.
+
+    Only that thread pauses (a few µs per syscall); the others keep running.
+    Raw syscalls are safe at any instruction: unlike calling dlopen or malloc
+    in the target they take no user-space lock."""
+
+    def __init__(self, pid: int, gadget: int, tid: int | None = None) -> None:
+        self.pid, self.gadget = pid, gadget
+        self.ffi, self.lib = native.load()
+        self.tid = tid or pid
+        self._t = self.ffi.new("struct kp_thread[]", 8)
+        self._n = self.ffi.new("int *", 0)
+
+    def __enter__(self) -> "Injector":
+        tids = [self.tid] + [t for t in list_tids(self.pid) if t != self.tid]
+        for tid in tids[:4]:  # the leader may be a zombie or stuck; try a few
+            rc = self.lib.kp_seize(tid)
+            if rc == -errno.ESRCH:
+                continue
+            if rc != 0:
+                raise _seize_error(self.pid, tid, -rc)
+            self._t[0].tid, self._t[0].state, self._n[0] = tid, self.lib.KP_RUNNING, 1
+            if self.lib.kp_stop_all(self._t, self._n, 8, 500_000) == 0 and \
+                    self._t[0].state == self.lib.KP_STOPPED:
+                self.tid = tid
+                # a clone event may have added a child; let it go at once
+                return self
+            self._release()
+        raise TargetGone(f"no thread of process {self.pid} could be stopped to run a syscall")
+
+    def __call__(self, name: str, *args: int) -> int:
+        a = [int(x) for x in args] + [0] * (6 - len(args))
+        ret = self.ffi.new("long *")
+        rc = self.lib.kp_inject_syscall(self._t, self.gadget, SYS[name], *a, ret)
+        if rc == -errno.ESRCH:
+            raise TargetGone(f"process {self.pid} exited")
+        if rc != 0:
+            raise RemoteError(f"cannot run {name} in process {self.pid}: {os.strerror(-rc)}")
+        return ret[0]
+
+    def checked(self, name: str, *args: int) -> int:
+        r = self(name, *args)
+        if -4096 < r < 0:
+            raise RemoteError(f"{name} in process {self.pid} failed: {os.strerror(-r)}")
+        return r
+
+    @property
+    def rsp(self) -> int:
+        return self._t[0].regs.rsp
+
+    def _release(self) -> None:
+        self.lib.kp_release_all(self.pid, self._t, self._n[0], 0)
+        if any(self._t[i].state == self.lib.KP_RUNNING for i in range(self._n[0])):
+            self.lib.kp_stop_all(self._t, self._n, 8, 200_000)
+            self.lib.kp_release_all(self.pid, self._t, self._n[0], 0)
+        self._n[0] = 0
+
+    def __exit__(self, *exc: object) -> None:
+        self._release()
+
+
+def find_syscall_gadget(pid: int, maps: list[Mapping], read) -> int:
+    """Address of a ``syscall`` instruction (0f 05) in the target's code;
+    any such byte pair executes as syscall when jumped to directly."""
+    def rank(m: Mapping) -> int:
+        return 0 if "libc" in m.path else 1 if m.path == "[vdso]" else 2
+    for m in sorted((m for m in maps if m.executable and m.readable), key=rank):
+        size = min(m.end - m.start, 1 << 20)
+        for off in range(0, size, 65536):
+            try:
+                chunk = read(m.start + off, min(65536 + 1, size - off))
+            except Exception:
+                break
+            i = chunk.find(b"\x0f\x05")
+            if i >= 0:
+                return m.start + off + i
+    raise RemoteError(f"no syscall instruction found in process {pid}'s code")

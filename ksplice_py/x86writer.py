@@ -1,0 +1,105 @@
+"""Emit the few x86-64 branch instructions the patcher needs.
+
+We use a small encoder of our own rather than keystone: every form we emit is
+a fixed byte template with one little-endian field (rel32, disp32 or an
+absolute .quad), so an assembler would add a native dependency and a text
+round trip for no gain, and keystone cannot express "rel32 relative to an
+address the code will live at" without assembling at that address anyway.
+Each template is tested by decoding it back with capstone (tests/test_x86.py).
+"""
+from __future__ import annotations
+
+import struct
+
+JMP_REL32_LEN = 5
+JMP_ABS_LEN = 14  # jmp qword [rip+0]; .quad dest
+CALL_REL32_LEN = 5
+CALL_ABS_LEN = 16  # call qword [rip+2]; jmp +8; .quad dest
+JCC_REL32_LEN = 6
+JCC_ABS_LEN = 2 + JMP_ABS_LEN  # inverted jcc rel8 over an absolute jmp
+
+INT3 = 0xCC
+
+_REL32_MIN = -(1 << 31)
+_REL32_MAX = (1 << 31) - 1
+_U64 = (1 << 64) - 1
+
+
+def rel32(src_next: int, dest: int) -> int | None:
+    """The rel32 that reaches `dest` from an instruction ending at `src_next`, or None."""
+    delta = dest - src_next
+    return delta if _REL32_MIN <= delta <= _REL32_MAX else None
+
+
+def fits_rel32(src_next: int, dest: int) -> bool:
+    return rel32(src_next, dest) is not None
+
+
+def _rel32_or_raise(what: str, src_next: int, dest: int) -> int:
+    delta = rel32(src_next, dest)
+    if delta is None:
+        raise ValueError(
+            f"{what} to {dest:#x} from {src_next:#x} is out of rel32 range (±2 GiB)")
+    return delta
+
+
+def _quad(dest: int) -> bytes:
+    if not 0 <= dest <= _U64:
+        raise ValueError(f"address {dest:#x} is not a 64-bit address")
+    return struct.pack("<Q", dest)
+
+
+def jmp_rel32(at: int, dest: int) -> bytes:
+    """`jmp rel32` placed at `at`. ValueError when `dest` is out of range."""
+    return b"\xe9" + struct.pack("<i", _rel32_or_raise("jmp", at + JMP_REL32_LEN, dest))
+
+
+def jmp_abs(dest: int) -> bytes:
+    """`jmp qword [rip+0]; .quad dest`: reaches anywhere, valid at any address."""
+    return b"\xff\x25\x00\x00\x00\x00" + _quad(dest)
+
+
+def jmp_best(at: int, dest: int) -> bytes:
+    """The short form when it reaches, else the absolute one."""
+    if fits_rel32(at + JMP_REL32_LEN, dest):
+        return jmp_rel32(at, dest)
+    return jmp_abs(dest)
+
+
+def call_rel32(at: int, dest: int) -> bytes:
+    return b"\xe8" + struct.pack("<i", _rel32_or_raise("call", at + CALL_REL32_LEN, dest))
+
+
+def call_abs(dest: int) -> bytes:
+    """`call qword [rip+2]; jmp +8; .quad dest`: returns to the `jmp +8`, which skips the quad."""
+    return b"\xff\x15\x02\x00\x00\x00" + b"\xeb\x08" + _quad(dest)
+
+
+def call_best(at: int, dest: int) -> bytes:
+    if fits_rel32(at + CALL_REL32_LEN, dest):
+        return call_rel32(at, dest)
+    return call_abs(dest)
+
+
+def jcc_rel32(cc: int, at: int, dest: int) -> bytes:
+    """`j<cc> rel32` (0f 80+cc). `cc` is the 4-bit condition code (4 = e/z)."""
+    _check_cc(cc)
+    return bytes((0x0F, 0x80 | cc)) + struct.pack(
+        "<i", _rel32_or_raise("jcc", at + JCC_REL32_LEN, dest))
+
+
+def jcc_abs(cc: int, dest: int) -> bytes:
+    """`j<!cc> +14; jmp qword [rip+0]; .quad dest`: taken iff `cc` holds, valid anywhere."""
+    _check_cc(cc)
+    return bytes((0x70 | (cc ^ 1), JMP_ABS_LEN)) + jmp_abs(dest)
+
+
+def jcc_best(cc: int, at: int, dest: int) -> bytes:
+    if fits_rel32(at + JCC_REL32_LEN, dest):
+        return jcc_rel32(cc, at, dest)
+    return jcc_abs(cc, dest)
+
+
+def _check_cc(cc: int) -> None:
+    if not 0 <= cc <= 0xF:
+        raise ValueError(f"condition code {cc} is not 0..15")
