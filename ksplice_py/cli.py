@@ -65,6 +65,22 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("patch")
     c = cmd("list", "the editions applied to a process, newest first")
     c.add_argument("pid", type=str)
+    c = cmd("revert", "undo the newest (or the given) edition")
+    c.add_argument("pid", type=str)
+    c.add_argument("id", nargs="?", type=str)
+    c.add_argument("--timeout", type=str, default="5", help="seconds to wait for a safe moment (default 5)")
+    c = cmd("prepare", "stage a patch: mapped and linked, not switched (see cutover)")
+    c.add_argument("pid", type=str)
+    c.add_argument("patch")
+    c = cmd("cutover", "switch a prepared edition (the newest by default)")
+    c.add_argument("pid", type=str)
+    c.add_argument("id", nargs="?", type=str)
+    c.add_argument("--timeout", type=str, default="5", help="seconds to wait for a safe moment (default 5)")
+    c = cmd("abort", "discard a prepared edition (the newest by default)")
+    c.add_argument("pid", type=str)
+    c.add_argument("id", nargs="?", type=str)
+    c = cmd("recover", "finish or undo what an interrupted hotpatch left behind")
+    c.add_argument("pid", type=str)
     c = cmd("info", "what a patch replaces, wraps and needs")
     c.add_argument("patch")
     cmd("cflags", "compiler flags for building patches")
@@ -76,8 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
 def do_apply(a) -> tuple[dict, str]:
     with attach(_pid(a.pid)) as proc:
         e = proc.apply(a.patch, timeout=_seconds(a.timeout))
-    funcs = ", ".join(f"{f.symbol}" + (" (wrapped)" if f.kind == "wrap" else "") for f in e.functions)
-    text = (f"edition {e.id} applied to pid {a.pid}: {funcs}; "
+    text = (f"edition {e.id} applied to pid {a.pid}: {_summary(e)}; "
             f"pause {e.pause_us:.0f} µs ({e.attempts} attempt{'s' if e.attempts != 1 else ''})")
     return e.to_dict() | {"pid": int(a.pid)}, text
 
@@ -107,6 +122,51 @@ def do_list(a) -> tuple[list, str]:
     return [e.to_dict() for e in eds], "\n".join(rows)
 
 
+def _edition_id(text: str | None) -> int | None:
+    if text is None:
+        return None
+    if not text.isdigit():
+        raise _Usage(f"edition id must be a number, not {text!r}")
+    return int(text)
+
+
+def _summary(e) -> str:
+    return ", ".join(f.symbol + (" (wrapped)" if f.kind == "wrap" else "") for f in e.functions)
+
+
+def do_revert(a) -> tuple[dict, str]:
+    with attach(_pid(a.pid)) as proc:
+        e = proc.revert(_edition_id(a.id), timeout=_seconds(a.timeout))
+    return e.to_dict() | {"pid": int(a.pid)}, (
+        f"edition {e.id} reverted in pid {a.pid}: {_summary(e)} restored; pause {e.pause_us:.0f} µs")
+
+
+def do_prepare(a) -> tuple[dict, str]:
+    with attach(_pid(a.pid)) as proc:
+        e = proc.prepare(a.patch)
+    return e.to_dict() | {"pid": int(a.pid)}, (
+        f"edition {e.id} prepared in pid {a.pid}: {_summary(e)}; switch it with: hotpatch cutover {a.pid} {e.id}")
+
+
+def do_cutover(a) -> tuple[dict, str]:
+    with attach(_pid(a.pid)) as proc:
+        e = proc.cutover(_edition_id(a.id), timeout=_seconds(a.timeout))
+    return e.to_dict() | {"pid": int(a.pid)}, (
+        f"edition {e.id} switched in pid {a.pid}: {_summary(e)}; pause {e.pause_us:.0f} µs")
+
+
+def do_abort(a) -> tuple[dict, str]:
+    with attach(_pid(a.pid)) as proc:
+        e = proc.abort(_edition_id(a.id))
+    return e.to_dict() | {"pid": int(a.pid)}, f"edition {e.id} aborted in pid {a.pid}; its memory is gone"
+
+
+def do_recover(a) -> tuple[list, str]:
+    with attach(_pid(a.pid)) as proc:
+        done = proc.recover()
+    return done, "\n".join(done) if done else f"nothing to recover in pid {a.pid}"
+
+
 def do_info(a) -> tuple[dict, str]:
     d = PatchFile.load(a.patch).to_dict()
     lines = [f"{a.patch}: sha256 {d.get('sha256', '?')}"]
@@ -130,6 +190,8 @@ def do_cflags(a) -> tuple[str, str]:
 
 COMMANDS: dict[str, Callable] = {
     "apply": do_apply, "check": do_check, "list": do_list, "info": do_info, "cflags": do_cflags,
+    "revert": do_revert, "prepare": do_prepare, "cutover": do_cutover, "abort": do_abort,
+    "recover": do_recover,
 }
 
 

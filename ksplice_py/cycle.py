@@ -25,28 +25,25 @@ Order of writes (why a tool killed at any instant harms nothing):
 from __future__ import annotations
 
 import os
-import random
 import struct
 import time
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from . import editions as ed
-from . import loader, placement, quiescence, trampoline, x86writer
-from .errors import (AmbiguousSymbol, BuildIdMismatch, HotpatchError, NotQuiescent,
-                     PatchMismatch, RemoteError, TargetGone, TrampolineError)
-from .maps import Mapping, read_maps
+from . import loader, placement, trampoline, x86writer
+from .errors import (BuildIdMismatch, HotpatchError, PatchMismatch, RemoteError, TargetGone,
+                     TrampolineError)
+from .maps import read_maps
 from .patchfile import PatchFile, Replacement
-from .quiescence import Blocker, CodeRange
 from .symbols import Symbol
-from .tracer import Injector, World, find_syscall_gadget
+from .tracer import Injector, find_syscall_gadget
+from .transition import APPLY, AttemptResult, Transition, unmap_regions
 
 PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
 MAP_PRIVATE, MAP_FIXED_NOREPLACE = 0x02, 0x100000
 MFD_CLOEXEC = 1
 EEXIST = 17
 STUB_SLOT = 128  # per function: far jump (14) + call-original stub (bounded below)
-STOP_TIMEOUT = 0.2  # longest wait for all threads to reach their stop, per attempt
 
 
 @dataclass
@@ -76,41 +73,11 @@ class Region:
         return slot
 
 
-@dataclass
-class AttemptResult:
-    done: bool
-    pause_us: float = 0.0
-    blockers: list[Blocker] = field(default_factory=list)
-
-
-@contextmanager
-def _realtime():
-    """Run SCHED_FIFO for the stopped window: otherwise threads we already
-    released take our CPU and the rest of the world waits (measured: release
-    of 5 threads 3.5 ms -> 30 µs on 2 cores)."""
-    try:
-        old = os.sched_getscheduler(0), os.sched_getparam(0)
-        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))
-    except OSError:  # not permitted: carry on at normal priority
-        old = None
-    try:
-        yield
-    finally:
-        if old is not None:
-            os.sched_setscheduler(0, old[0], old[1])
-
-
-def sleep_backoff(attempt: int, remaining: float) -> None:
-    """Exponential back-off with jitter, never a busy loop; the target runs
-    freely (and detached) while we sleep."""
-    delay = min(0.001 * (1.6 ** attempt), 0.05) * (0.5 + random.random())
-    time.sleep(max(0.0, min(delay, remaining)))
-
-
 class PatchCycle:
     """One patch on one process. Use ``run()`` for the whole cycle."""
 
-    def __init__(self, proc, patch: PatchFile) -> None:
+    def __init__(self, proc, patch: PatchFile, staged: bool = False) -> None:
+        self.staged = staged
         self.proc = proc
         self.patch = patch
         self.pid = proc.pid
@@ -120,10 +87,7 @@ class PatchCycle:
         self.regions: list[Region] = []
         self.edition: ed.Edition | None = None
         self.image: loader.LinkedImage | None = None
-        self.cutover_writes: list[tuple[int, bytes]] = []
-        self.ranges: list[CodeRange] = []
         self.attempts = 0
-        self.longest_pause_us = 0.0
         self._mapped = False
         self._applied = False
         self._switched = False
@@ -155,7 +119,8 @@ class PatchCycle:
         self.edition = ed.Edition(
             id=self.edition_id, patch=self.patch.name, sha256=self.patch.sha256,
             regions=[(r.start, r.size) for r in self.regions],
-            pins={p.object: p.build_id for p in self.patch.pins}, prepared_at=time.time())
+            pins={p.object: p.build_id for p in self.patch.pins}, prepared_at=time.time(),
+            staged=self.staged)
         self._write_record()
 
     def _check_pins(self) -> None:
@@ -297,14 +262,6 @@ class PatchCycle:
             for sw in self.switches]
         self.edition.state = "prepared"
         self._write_record()
-        self.ranges = quiescence.busy_ranges(
-            CodeRange(sw.sym.addr, sw.sym.addr + max(sw.sym.size, len(sw.redirect.old)), sw.sym.qualified)
-            for sw in self.switches)
-        self.cutover_writes = [
-            self.edition.state_bytes("switching"),
-            *[(sw.redirect.addr, sw.redirect.new) for sw in self.switches],
-            self.edition.state_bytes("applied"),
-        ]
 
     def _write_record(self) -> None:
         e = self.edition
@@ -314,107 +271,31 @@ class PatchCycle:
         self.mem.write(e.record_addr + ed.HEADER.size, body)
         self.mem.write(e.record_addr, e.header())
 
-    # -- cutover --------------------------------------------------------------
+    # -- cutover ---------------------------------------------------------------
     def cutover(self, timeout: float) -> ed.Edition:
-        """Retry a stopped-window switch with back-off until ``timeout``."""
-        deadline = time.monotonic() + timeout
-        blockers: list[Blocker] = []
-        while True:
-            self.attempts += 1
-            result = self.try_switch(write=True)
-            if result.done:
-                return self._complete(result)
-            blockers = result.blockers
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise NotQuiescent(
-                    f"no safe moment within {timeout:g}s after {self.attempts} attempts: "
-                    f"{quiescence.summarize(blockers)}; retry later or with a longer --timeout",
-                    blockers=[b.to_dict() for b in blockers], attempts=self.attempts)
-            sleep_backoff(self.attempts, remaining)
-
-    def try_switch(self, write: bool) -> AttemptResult:
-        """One attempt: stop every thread, check, write (if safe), release.
-        Only C runs between the stop and the release, plus the re-read of
-        maps in the rare case of a stack born after we read them."""
-        maps = read_maps(self.pid)
-        world = World(self.pid).seize()
-        lo_hi = [(r.start, r.end) for r in self.ranges]
-        unsafe_tids: list[tuple[int, int, int]] = []
-        late: list[int] = []
-        with _realtime():
-            t0 = world.lib.kp_now_us()
-            try:
-                late = world.stop(STOP_TIMEOUT)
-                unsafe = world.scan(lo_hi, maps) if not late else 0
-                if unsafe and any(t.unsafe == quiescence.STACK_UNKNOWN for t in world.threads()):
-                    unsafe = world.scan(lo_hi, read_maps(self.pid))
-                if not late and not unsafe and write:
-                    self._write_batch(world)
-                    self._switched = True
-                unsafe_tids = [(t.tid, t.unsafe, t.hit_value) for t in world.threads() if t.unsafe]
-            finally:
-                world.release()
-                pause = world.lib.kp_now_us() - t0
-        self.longest_pause_us = max(self.longest_pause_us, pause)
-        if late or unsafe_tids:
-            symbolize = self._symbolize
-            blockers = [quiescence.blocker(self.pid, tid, v, val, self.ranges, symbolize)
-                        for tid, v, val in unsafe_tids]
-            blockers += [quiescence.blocker(self.pid, tid, quiescence.NOT_STOPPED, 0, self.ranges, symbolize)
-                         for tid in late]
-            return AttemptResult(False, pause, blockers)
-        return AttemptResult(True, pause)
-
-    def _write_batch(self, world: World) -> None:
-        ffi, lib = world.ffi, world.lib
-        n = len(self.cutover_writes)
-        bufs = [ffi.from_buffer(b) for _, b in self.cutover_writes]
-        failed = lib.kp_write_all(
-            self.mem.mem_fd(), n, ffi.new("unsigned long[]", [a for a, _ in self.cutover_writes]),
-            ffi.new("unsigned char *[]", bufs), ffi.new("unsigned long[]", [len(b) for _, b in self.cutover_writes]))
-        if failed >= 0:
-            # Undo what landed, still inside the window: all or nothing.
-            undo = [(sw.redirect.addr, sw.redirect.old) for sw in self.switches]
-            for addr, data in undo:
-                try:
-                    self.mem.write(addr, data)
-                except HotpatchError:
-                    pass
-            raise RemoteError(f"writing trampoline {failed} into process {self.pid} failed; nothing was switched")
-
-    def _symbolize(self, addr: int) -> str:
+        """Switch in one stopped window, retried with back-off (transition.py)."""
+        self.transition = Transition(self.proc, self.edition, APPLY)
         try:
-            sym = self.proc.symbols.function_at(addr)
-        except HotpatchError:
-            sym = None
-        return f"{sym.qualified}+{addr - sym.addr:#x}" if sym else hex(addr)
-
-    def _complete(self, result: AttemptResult) -> ed.Edition:
-        e = self.edition
-        e.state, e.pause_us, e.applied_at, e.attempts = "applied", result.pause_us, time.time(), self.attempts
-        self.mem.write(e.record_addr, e.header())
-        return e
+            self.transition.start(timeout)
+        finally:
+            self.attempts = self.transition.attempts
+        self._switched = True
+        return self.edition
 
     # -- check / abort --------------------------------------------------------
     def probe(self) -> AttemptResult:
         """One quiescence probe without writing (``hotpatch check``)."""
-        self.attempts += 1
-        return self.try_switch(write=False)
+        self.transition = Transition(self.proc, self.edition, APPLY)
+        return self.transition.try_complete(write=False)
 
     def abort(self) -> None:
         """Before cutover: unmap what prepare mapped; the target is as before."""
-        if not self._mapped:
-            return
-        try:
-            gadget = find_syscall_gadget(self.pid, read_maps(self.pid), self.mem.read)
-            with Injector(self.pid, gadget) as inj:
-                for r in self.regions:
-                    if r.start:
-                        inj("munmap", r.start, r.size)
-        except TargetGone:
-            pass
-        self._mapped = False
+        if self._mapped:
+            try:
+                unmap_regions(self.proc, [(r.start, r.size) for r in self.regions])
+            except TargetGone:
+                pass
+            self._mapped = False
 
     # -- the whole cycle ------------------------------------------------------
     def run(self, timeout: float) -> ed.Edition:

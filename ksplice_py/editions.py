@@ -37,6 +37,7 @@ PREFIX = "ksplice_py:ed"
 _NAME_RE = re.compile(r"^/memfd:ksplice_py:ed(\d+)(:stubs)?(?::(.*?))?(?: \(deleted\))?$")
 
 STATES = ("preparing", "prepared", "switching", "applied", "reverting")
+STABLE = ("prepared", "applied")
 
 
 @dataclass
@@ -62,6 +63,7 @@ class Edition:
     regions: list[tuple[int, int]] = field(default_factory=list)  # (start, size)
     pins: dict[str, str] = field(default_factory=dict)
     prepared_at: float = 0.0
+    staged: bool = False  # from `hotpatch prepare`: keep it prepared until cutover/abort
     applied_at: float | None = None
     pause_us: float | None = None
     attempts: int = 0

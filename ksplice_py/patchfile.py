@@ -184,7 +184,9 @@ class PatchFile:
             raise
         except Exception as e:  # pyelftools / struct / anything malformed input trips
             detail = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise BadPatchFile(f"{name}: malformed ELF file ({detail[:200]})") from None
+            short = Path(name).name or name
+            raise BadPatchFile(f"{short}: malformed or truncated ELF file ({detail[:200]}); "
+                               "rebuild the patch") from None
 
     def func_name(self, vaddr: int) -> str:
         return self.func_names.get(vaddr, f"0x{vaddr:x}")
@@ -477,7 +479,7 @@ class _Parser:
             raise self.unsupported(f"defines an ifunc (R_X86_64_IRELATIVE {where}); the loader "
                                    "does not run resolvers in the patch: call the implementation directly")
         if rtype not in RELOC_SIZE:
-            raise self.unsupported(f"relocation {reloc_name(rtype)} {where} is not supported; "
+            raise self.unsupported(f"{reloc_name(rtype)} {where} is not supported; "
                                    "build with -fPIC $(hotpatch cflags)")
         size = RELOC_SIZE[rtype]
         if size and self.segment_at(offset, size) is None:

@@ -14,13 +14,14 @@ from dataclasses import dataclass, field
 
 from . import editions as ed
 from .cycle import PatchCycle
-from .errors import AccessDenied, HotpatchError
+from .errors import AccessDenied, BadInput, HotpatchError, RemoteError
 from .maps import exe_path, read_maps
 from .memory import RemoteMemory
 from .patchfile import PatchFile
 from .quiescence import Blocker
 from .symbols import TargetSymbols
 from .tracer import check_target
+from .transition import APPLY, REVERT, Transition, unmap_regions
 
 
 @dataclass
@@ -69,6 +70,7 @@ class Process:
         no safe moment came within ``timeout`` seconds."""
         patch = _load(patch)
         with self._locked():
+            self._recover(timeout)
             cycle = PatchCycle(self, patch)
             edition = cycle.run(timeout)
             edition.attempts = cycle.attempts
@@ -78,6 +80,7 @@ class Process:
         """prepare + apply + finalize + one quiescence probe, then abort."""
         patch = _load(patch)
         with self._locked():
+            self._recover()
             cycle = PatchCycle(self, patch)
             try:
                 cycle.prepare()
@@ -90,9 +93,121 @@ class Process:
                  for f in cycle.edition.functions]
         return CheckReport(self.pid, patch.name, funcs, result.done, result.blockers, result.pause_us)
 
+    def prepare(self, patch: str | PatchFile) -> ed.Edition:
+        """Stage a patch: mapped, linked, recorded as ``prepared``; the
+        target keeps running the old code until ``cutover``."""
+        patch = _load(patch)
+        with self._locked():
+            self._recover()
+            cycle = PatchCycle(self, patch, staged=True)
+            try:
+                cycle.prepare()
+                cycle.apply()
+                cycle.finalize()
+            except BaseException:
+                cycle.abort()
+                raise
+            return cycle.edition
+
+    def cutover(self, edition_id: int | None = None, timeout: float = 5.0) -> ed.Edition:
+        """Switch a prepared edition (the newest prepared one by default)."""
+        with self._locked():
+            self._recover()
+            e = self._pick(edition_id, "prepared")
+            t = Transition(self, e, APPLY)
+            t.start(timeout)
+            return e
+
+    def abort(self, edition_id: int | None = None) -> ed.Edition:
+        """Discard a prepared edition; its memory leaves the target."""
+        with self._locked():
+            self._recover()
+            e = self._pick(edition_id, "prepared")
+            unmap_regions(self, e.regions)
+            return e
+
+    def revert(self, edition_id: int | None = None, timeout: float = 5.0) -> ed.Edition:
+        """Undo an applied edition (the newest by default): a cutover in
+        reverse, quiescence checked against the new code, then its memory
+        is freed. Refused while a newer edition replaces the same functions."""
+        with self._locked():
+            self._recover()
+            e = self._pick(edition_id, "applied")
+            t = Transition(self, e, REVERT)
+            t.start(timeout)
+            return e
+
+    def recover(self, timeout: float = 5.0) -> list[str]:
+        """Finish or undo whatever an interrupted tool left behind."""
+        with self._locked():
+            return self._recover(timeout)
+
     def editions(self) -> list[ed.Edition]:
         """Editions applied or prepared in the target, newest first."""
         return ed.list_editions(self.mem, read_maps(self.pid))[0]
+
+    def symbolize(self, addr: int) -> str:
+        """``object:function+0xoff`` for an address in the target."""
+        try:
+            sym = self.symbols.function_at(addr)
+        except HotpatchError:
+            sym = None
+        return f"{sym.qualified}+{addr - sym.addr:#x}" if sym else hex(addr)
+
+    # -- recovery -------------------------------------------------------------
+    def _pick(self, edition_id: int | None, state: str) -> ed.Edition:
+        eds = self.editions()
+        if edition_id is None:
+            cands = [e for e in eds if e.state == state]
+            if not cands:
+                raise BadInput(f"process {self.pid} has no {state} edition")
+            return cands[0]
+        for e in eds:
+            if e.id == edition_id:
+                if e.state != state:
+                    raise BadInput(f"edition {edition_id} of process {self.pid} is {e.state}, not {state}")
+                return e
+        raise BadInput(f"process {self.pid} has no edition {edition_id} (see hotpatch list)")
+
+    def _recover(self, timeout: float = 5.0) -> list[str]:
+        """Called under the lock, so no other live tool is mid-operation:
+        anything unstable was left by a tool that died."""
+        maps = read_maps(self.pid)
+        eds, orphans = ed.list_editions(self.mem, maps)
+        done: list[str] = []
+        regions = ed.regions_in(maps)
+        for eid in orphans:  # killed before its record was written
+            unmap_regions(self, [(m.start, m.end - m.start) for m in regions[eid]])
+            done.append(f"removed the memory of edition {eid}, interrupted while preparing")
+        for e in eds:
+            if e.state == "preparing" or (e.state == "prepared" and not e.staged):
+                unmap_regions(self, e.regions)
+                done.append(f"removed edition {e.id} ({e.patch}), left {e.state} by an interrupted tool")
+            elif e.state in ("switching", "reverting"):
+                done.append(self._finish_transition(e, timeout))
+        return done
+
+    def _finish_transition(self, e: ed.Edition, timeout: float) -> str:
+        """A switch interrupted between its writes: look at which trampolines
+        are in, then complete the interrupted direction."""
+        current = {f.addr: self.mem.read(f.addr, len(bytes.fromhex(f.new_bytes))) for f in e.functions}
+        still_old = [f for f in e.functions if current[f.addr] == bytes.fromhex(f.old_bytes)]
+        still_new = [f for f in e.functions if current[f.addr] == bytes.fromhex(f.new_bytes)]
+        if len(still_old) + len(still_new) != len(e.functions):
+            raise RemoteError(f"edition {e.id}: code of process {self.pid} matches neither old nor new bytes; "
+                              "not touching it")
+        if e.state == "switching":
+            if still_old:
+                Transition(self, e, APPLY, functions=still_old).start(timeout)
+            else:
+                e.state = "applied"
+                self.mem.write(*e.state_bytes("applied"))
+            return f"completed the interrupted switch of edition {e.id} ({e.patch})"
+        if still_new:
+            Transition(self, e, REVERT, functions=still_new).start(timeout)
+        else:
+            unmap_regions(self, e.regions)
+        return f"completed the interrupted revert of edition {e.id} ({e.patch})"
 
     # -- plumbing -------------------------------------------------------------
     @contextmanager

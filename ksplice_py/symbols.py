@@ -292,19 +292,21 @@ def _parse_relocations(elf: ELFFile, data: _FileData, dyn_names: list[str],
 def _parse_file(host_path: str, build_id: str | None) -> _FileData:
     """Everything symbol lookups need from one file and its debug file.
     (A module-level function so tests can count calls.)"""
-    debug = _debug_file(build_id)
-    data = _FileData(build_id=build_id, debug_file=_file_identity(debug))
+    data = _FileData(build_id=build_id, debug_file=None)
     try:
         with open(host_path, "rb") as f:
             _parse_symbols(ELFFile(f), data, with_dynamic=True)
-    except Exception as e:
+    except Exception as e:  # pyelftools raises many types on malformed input
         raise _Malformed(f"{type(e).__name__}: {e}") from None
+    debug = _debug_file(build_id)
     if debug is not None:
         try:
+            identity = _file_identity(debug)
             with open(debug, "rb") as f:
                 _parse_symbols(ELFFile(f), data, with_dynamic=False)
+            data.debug_file = identity
         except Exception:  # a broken debug file only costs the static symbols
-            data.debug_file = None
+            pass
     return data
 
 
@@ -402,9 +404,9 @@ class TargetSymbols:
         self.pid = pid
         self.mem = mem
         self.skipped: list[tuple[str, str]] = []  # (path, why) of mapped ELFs we cannot read
-        self._dynamic: dict[str, tuple[int, int]] = {}  # object name -> PT_DYNAMIC (vaddr, memsz)
-        self._data: dict[str, _FileData | str] = {}  # object name -> data, or why it is unreadable
-        self._funcs: dict[str, tuple[list[int], list[_Def], int]] = {}
+        self._dynamic: dict[str, tuple[int, int]] = {}  # path -> PT_DYNAMIC (vaddr, memsz)
+        self._data: dict[str, _FileData | str] = {}  # path -> data, or why it is unreadable
+        self._funcs: dict[str, tuple[list[int], list[_Def], int]] = {}  # path -> function index
         found = [o for o in map(self._object_info, _maps.mapped_files(pid, maps)) if o is not None]
         self.objects: list[ObjectInfo] = self._search_order(found)
         self._by_name: dict[str, ObjectInfo] = {}
@@ -443,7 +445,7 @@ class TargetSymbols:
             return None
         bias = min(starts) - (vaddr & ~(_PAGE - 1))
         if hdr.dynamic:
-            self._dynamic[mf.name] = hdr.dynamic
+            self._dynamic[mf.path] = hdr.dynamic
         return ObjectInfo(mf.name, mf.path, path, bias, hdr.build_id, mf.start, mf.end)
 
     def _search_order(self, objs: list[ObjectInfo]) -> list[ObjectInfo]:
@@ -463,7 +465,10 @@ class TargetSymbols:
         return ordered + [o for o in rest if o not in ordered]
 
     @staticmethod
-    def _match_link(objs, main, l_addr: int, l_name: str) -> ObjectInfo | None:
+    def _match_link(objs: list[ObjectInfo], main: list[ObjectInfo], l_addr: int,
+                    l_name: str) -> ObjectInfo | None:
+        """The mapped object a link_map entry describes: by load bias (paths
+        differ: /lib vs /usr/lib), by basename when biases tie."""
         if not l_name:
             return main[0] if main else None
         same_bias = [o for o in objs if o.bias == l_addr and o.name != "main"]
@@ -476,7 +481,7 @@ class TargetSymbols:
     def _link_map(self, main: ObjectInfo) -> list[tuple[int, str]]:
         """(l_addr, l_name) of every loaded object, read from the target:
         main's DT_DEBUG -> r_debug -> r_map -> l_next (and r_next namespaces)."""
-        dyn = self._dynamic.get(main.name)
+        dyn = self._dynamic.get(main.path)
         if dyn is None:
             return []  # static executable
         vaddr, memsz = dyn
@@ -521,7 +526,7 @@ class TargetSymbols:
     def _load(self, obj: ObjectInfo, strict: bool = False) -> _FileData | None:
         """Symbol data of ``obj``: cache, else parse. None (or BadInput when
         ``strict``) if the file is not a readable ELF."""
-        data = self._data.get(obj.name)
+        data = self._data.get(obj.path)
         if data is None:
             data = _cache_load(obj.build_id) if obj.build_id else None
             if data is None:
@@ -530,7 +535,7 @@ class TargetSymbols:
                     _cache_store(data)
                 except _Malformed as e:
                     data = str(e)
-            self._data[obj.name] = data
+            self._data[obj.path] = data
         if isinstance(data, str):
             if strict:
                 raise BadInput(f"cannot read the symbols of {obj.name} ({obj.path}): malformed ELF ({data})")
@@ -648,7 +653,7 @@ class TargetSymbols:
         return None
 
     def _function_index(self, obj: ObjectInfo, data: _FileData):
-        idx = self._funcs.get(obj.name)
+        idx = self._funcs.get(obj.path)
         if idx is None:
             best: dict[int, _Def] = {}
             for d in sorted((d for ds in data.by_name.values() for d in ds if d.kind in ("func", "ifunc")),
@@ -656,6 +661,6 @@ class TargetSymbols:
                 best.setdefault(d.value, d)  # one name per address, the global one
             defs = sorted(best.values(), key=lambda d: d.value)
             idx = ([d.value for d in defs], defs, max((max(d.size, 1) for d in defs), default=1))
-            self._funcs[obj.name] = idx
+            self._funcs[obj.path] = idx
         return idx
 
