@@ -12,7 +12,8 @@ import signal
 import sys
 from typing import Callable
 
-from . import errors
+from . import errors, harness
+from .cycle import HarnessChoice
 from .patchfile import PatchFile, cflags
 from .process import attach
 
@@ -60,9 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("pid", type=str)
     c.add_argument("patch")
     c.add_argument("--timeout", type=str, default="5", help="seconds to wait for a safe moment (default 5)")
+    _harness_options(c)
     c = cmd("check", "would the patch apply now? (prepare, finalize, one probe, abort)")
     c.add_argument("pid", type=str)
     c.add_argument("patch")
+    _harness_options(c)
     c = cmd("list", "the editions applied to a process, newest first")
     c.add_argument("pid", type=str)
     c = cmd("revert", "undo the newest (or the given) edition")
@@ -72,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = cmd("prepare", "stage a patch: mapped and linked, not switched (see cutover)")
     c.add_argument("pid", type=str)
     c.add_argument("patch")
+    _harness_options(c)
     c = cmd("cutover", "switch a prepared edition (the newest by default)")
     c.add_argument("pid", type=str)
     c.add_argument("id", nargs="?", type=str)
@@ -84,14 +88,26 @@ def build_parser() -> argparse.ArgumentParser:
     c = cmd("info", "what a patch replaces, wraps and needs")
     c.add_argument("patch")
     cmd("cflags", "compiler flags for building patches")
+    cmd("harnesses", "the quiescence harnesses installed")
     return p
+
+
+def _harness_options(c: argparse.ArgumentParser) -> None:
+    c.add_argument("--harness", action="append", default=[], metavar="NAME",
+                   help="apply this harness too (repeatable)")
+    c.add_argument("--no-harness", action="store_true", help="skip harnesses (needs --force)")
+    c.add_argument("--force", action="store_true", help="allow --no-harness on governed objects")
+
+
+def _choice(a) -> HarnessChoice:
+    return HarnessChoice(tuple(a.harness), a.no_harness, a.force)
 
 
 # -- commands ---------------------------------------------------------------
 
 def do_apply(a) -> tuple[dict, str]:
     with attach(_pid(a.pid)) as proc:
-        e = proc.apply(a.patch, timeout=_seconds(a.timeout))
+        e = proc.apply(a.patch, timeout=_seconds(a.timeout), harnesses=_choice(a))
     text = (f"edition {e.id} applied to pid {a.pid}: {_summary(e)}; "
             f"pause {e.pause_us:.0f} µs ({e.attempts} attempt{'s' if e.attempts != 1 else ''})")
     return e.to_dict() | {"pid": int(a.pid)}, text
@@ -99,7 +115,7 @@ def do_apply(a) -> tuple[dict, str]:
 
 def do_check(a) -> tuple[dict, str]:
     with attach(_pid(a.pid)) as proc:
-        r = proc.check(a.patch)
+        r = proc.check(a.patch, harnesses=_choice(a))
     funcs = ", ".join(f["symbol"] for f in r.functions)
     if r.safe_now:
         text = f"{r.patch} fits pid {r.pid} ({funcs}) and could be switched now (probe pause {r.pause_us:.0f} µs)"
@@ -143,7 +159,7 @@ def do_revert(a) -> tuple[dict, str]:
 
 def do_prepare(a) -> tuple[dict, str]:
     with attach(_pid(a.pid)) as proc:
-        e = proc.prepare(a.patch)
+        e = proc.prepare(a.patch, harnesses=_choice(a))
     return e.to_dict() | {"pid": int(a.pid)}, (
         f"edition {e.id} prepared in pid {a.pid}: {_summary(e)}; switch it with: hotpatch cutover {a.pid} {e.id}")
 
@@ -183,6 +199,12 @@ def _fmt(item) -> str:
     return str(item)
 
 
+def do_harnesses(a) -> tuple[list, str]:
+    hs = sorted(harness.discover().values(), key=lambda h: h.name)
+    rows = [f"{h.name:<16} {', '.join(h.objects):<28} {h.description}" for h in hs]
+    return [h.to_dict() for h in hs], "\n".join(rows) or "no harnesses installed"
+
+
 def do_cflags(a) -> tuple[str, str]:
     flags = cflags()
     return flags, flags
@@ -191,7 +213,7 @@ def do_cflags(a) -> tuple[str, str]:
 COMMANDS: dict[str, Callable] = {
     "apply": do_apply, "check": do_check, "list": do_list, "info": do_info, "cflags": do_cflags,
     "revert": do_revert, "prepare": do_prepare, "cutover": do_cutover, "abort": do_abort,
-    "recover": do_recover,
+    "recover": do_recover, "harnesses": do_harnesses,
 }
 
 

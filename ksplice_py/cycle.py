@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass
 
 from . import editions as ed
-from . import loader, placement, trampoline, x86writer
+from . import harness, loader, placement, trampoline, x86writer
 from .errors import (BuildIdMismatch, HotpatchError, PatchMismatch, RemoteError, TargetGone,
                      TrampolineError)
 from .maps import read_maps
@@ -44,6 +44,18 @@ MAP_PRIVATE, MAP_FIXED_NOREPLACE = 0x02, 0x100000
 MFD_CLOEXEC = 1
 EEXIST = 17
 STUB_SLOT = 128  # per function: far jump (14) + call-original stub (bounded below)
+
+
+@dataclass(frozen=True)
+class HarnessChoice:
+    """What the user asked for: --harness NAME..., --no-harness, --force."""
+
+    names: tuple[str, ...] = ()
+    disabled: bool = False
+    force: bool = False
+
+    def select(self, touched: dict[str, str | None]):
+        return harness.select(touched, list(self.names), self.disabled, self.force)
 
 
 @dataclass
@@ -76,8 +88,10 @@ class Region:
 class PatchCycle:
     """One patch on one process. Use ``run()`` for the whole cycle."""
 
-    def __init__(self, proc, patch: PatchFile, staged: bool = False) -> None:
+    def __init__(self, proc, patch: PatchFile, staged: bool = False,
+                 harnesses: HarnessChoice | None = None) -> None:
         self.staged = staged
+        self.harness_choice = harnesses or HarnessChoice()
         self.proc = proc
         self.patch = patch
         self.pid = proc.pid
@@ -114,13 +128,15 @@ class PatchCycle:
             self.switches.append(Switch(rep, sym, code))
         for ref in self.patch.symbol_refs:
             self.symbol_refs.append((ref.ptr, syms.resolve(ref.target)))
+        chosen = self.harness_choice.select(
+            {sw.sym.object: self.proc.symbols.build_id(sw.sym.object) for sw in self.switches})
         self._plan_regions()
         self._map_regions()
         self.edition = ed.Edition(
             id=self.edition_id, patch=self.patch.name, sha256=self.patch.sha256,
             regions=[(r.start, r.size) for r in self.regions],
             pins={p.object: p.build_id for p in self.patch.pins}, prepared_at=time.time(),
-            staged=self.staged)
+            staged=self.staged, harnesses=[h.name for h in chosen])
         self._write_record()
 
     def _check_pins(self) -> None:

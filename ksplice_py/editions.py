@@ -64,6 +64,7 @@ class Edition:
     pins: dict[str, str] = field(default_factory=dict)
     prepared_at: float = 0.0
     staged: bool = False  # from `hotpatch prepare`: keep it prepared until cutover/abort
+    harnesses: list[str] = field(default_factory=list)  # applied at cutover and at revert
     applied_at: float | None = None
     pause_us: float | None = None
     attempts: int = 0

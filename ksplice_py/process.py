@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from . import editions as ed
-from .cycle import PatchCycle
+from .cycle import HarnessChoice, PatchCycle
 from .errors import AccessDenied, BadInput, HotpatchError, RemoteError
 from .maps import exe_path, read_maps
 from .memory import RemoteMemory
@@ -65,23 +65,24 @@ class Process:
         return self._symbols
 
     # -- operations -----------------------------------------------------------
-    def apply(self, patch: str | PatchFile, timeout: float = 5.0) -> ed.Edition:
+    def apply(self, patch: str | PatchFile, timeout: float = 5.0,
+              harnesses: HarnessChoice | None = None) -> ed.Edition:
         """Run the whole cycle; raises NotQuiescent (target untouched) when
         no safe moment came within ``timeout`` seconds."""
         patch = _load(patch)
         with self._locked():
             self._recover(timeout)
-            cycle = PatchCycle(self, patch)
+            cycle = PatchCycle(self, patch, harnesses=harnesses)
             edition = cycle.run(timeout)
             edition.attempts = cycle.attempts
             return edition
 
-    def check(self, patch: str | PatchFile) -> CheckReport:
+    def check(self, patch: str | PatchFile, harnesses: HarnessChoice | None = None) -> CheckReport:
         """prepare + apply + finalize + one quiescence probe, then abort."""
         patch = _load(patch)
         with self._locked():
             self._recover()
-            cycle = PatchCycle(self, patch)
+            cycle = PatchCycle(self, patch, harnesses=harnesses)
             try:
                 cycle.prepare()
                 cycle.apply()
@@ -93,13 +94,13 @@ class Process:
                  for f in cycle.edition.functions]
         return CheckReport(self.pid, patch.name, funcs, result.done, result.blockers, result.pause_us)
 
-    def prepare(self, patch: str | PatchFile) -> ed.Edition:
+    def prepare(self, patch: str | PatchFile, harnesses: HarnessChoice | None = None) -> ed.Edition:
         """Stage a patch: mapped, linked, recorded as ``prepared``; the
         target keeps running the old code until ``cutover``."""
         patch = _load(patch)
         with self._locked():
             self._recover()
-            cycle = PatchCycle(self, patch, staged=True)
+            cycle = PatchCycle(self, patch, staged=True, harnesses=harnesses)
             try:
                 cycle.prepare()
                 cycle.apply()

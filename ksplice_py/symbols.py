@@ -652,6 +652,13 @@ class TargetSymbols:
             i -= 1
         return None
 
+    def functions_of(self, object_name: str) -> list[Symbol]:
+        """Every function of one object (one name per address), e.g. for a
+        harness's critical-function patterns."""
+        obj = self.object(object_name)
+        data = self._load(obj, strict=True)
+        return [self._symbol(obj, d) for d in self._function_index(obj, data)[1]]
+
     def _function_index(self, obj: ObjectInfo, data: _FileData):
         idx = self._funcs.get(obj.path)
         if idx is None:

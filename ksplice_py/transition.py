@@ -17,13 +17,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from . import editions as ed
-from . import quiescence
+from . import harness, quiescence
 from .errors import HotpatchError, NotQuiescent, PatchMismatch, RemoteError
 from .maps import read_maps
 from .quiescence import Blocker, CodeRange
 from .tracer import Injector, World, find_syscall_gadget
 
 APPLY, REVERT = "apply", "revert"
+REG_NAMES = ("rip", "rsp", "rbp", "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "r8", "r9", "r10",
+             "r11", "r12", "r13", "r14", "r15", "orig_rax", "fs_base")
 STOP_TIMEOUT = 0.2  # longest wait for every thread to reach its stop, per attempt
 
 
@@ -85,7 +87,12 @@ class Transition:
         self.longest_pause_us = 0.0
         others = [e for e in proc.editions() if e.id != edition.id]
         self._check_code(others)
-        self.ranges = self._busy_ranges(others)
+        self.harnesses = harness.by_names(edition.harnesses)
+        # Harness-critical code counts in both directions: switching resolver
+        # code (either way) while a thread is inside the resolver is unsafe.
+        self.ranges = quiescence.busy_ranges(
+            self._busy_ranges(others), harness.critical_ranges(self.harnesses, proc.symbols))
+        self.checks = [h for h in self.harnesses if h.check]
         self.writes = self._writes()
 
     # -- init: everything computed before any thread stops ------------------------
@@ -141,11 +148,17 @@ class Transition:
     def start(self, timeout: float) -> AttemptResult:
         """Retry with back-off until a safe moment or ``timeout`` seconds."""
         deadline = time.monotonic() + timeout
+        for h in self.harnesses:
+            if h.before_cutover:
+                h.before_cutover(self.proc, self.edition)
         while True:
             self.attempts += 1
             result = self.try_complete(write=True)
             if result.done:
                 self.complete(result)
+                for h in self.harnesses:
+                    if h.after_cutover:
+                        h.after_cutover(self.proc, self.edition)
                 return result
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -172,16 +185,31 @@ class Transition:
                 unsafe = world.scan(lo_hi, maps) if not late else 0
                 if unsafe and any(t.unsafe == quiescence.STACK_UNKNOWN for t in world.threads()):
                     unsafe = world.scan(lo_hi, read_maps(self.pid))
-                if not late and not unsafe and write:
+                vetoes = self._run_checks(world) if not late and not unsafe else []
+                if not late and not unsafe and not vetoes and write:
                     self._write_all(world)
                 verdicts = [(t.tid, t.unsafe, t.hit_value) for t in world.threads() if t.unsafe]
             finally:
                 world.release()
                 pause = world.lib.kp_now_us() - t0
         self.longest_pause_us = max(self.longest_pause_us, pause)
-        if late or verdicts:
-            return AttemptResult(False, pause, self._blockers(verdicts, late))
+        if late or verdicts or vetoes:
+            blockers = self._blockers(verdicts, late) + [
+                Blocker(tid, quiescence.thread_name(self.pid, tid), reason) for tid, reason in vetoes]
+            return AttemptResult(False, pause, blockers)
         return AttemptResult(True, pause)
+
+    def _run_checks(self, world: World) -> list[tuple[int, str]]:
+        """Harness checks, inside the window (they may read memory/registers)."""
+        if not self.checks:
+            return []
+        view = harness.StoppedView(self.pid, self.mem, [
+            harness.StoppedThread(t.tid, {k: getattr(t.regs, k) for k in REG_NAMES})
+            for t in world.threads() if t.state == world.lib.KP_STOPPED])
+        vetoes = []
+        for h in self.checks:
+            vetoes += [(tid, f"{reason} (harness {h.name})") for tid, reason in h.check(view)]
+        return vetoes
 
     def _write_all(self, world: World) -> None:
         ffi, lib = world.ffi, world.lib
