@@ -122,6 +122,7 @@ def do_check(a) -> tuple[dict, str]:
     else:
         why = "; ".join(b.describe() for b in r.blockers)
         text = f"{r.patch} fits pid {r.pid} ({funcs}) but would wait now: {why}"
+        return r.to_dict(), text, errors.NotQuiescent.exit_code  # scripts: 3 = not now
     return r.to_dict(), text
 
 
@@ -236,9 +237,9 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         if not args.command:
             raise _Usage("no command given")
-        data, text = COMMANDS[args.command](args)
+        data, text, *code = COMMANDS[args.command](args)
         print(json.dumps(data, indent=2) if as_json else text)
-        return 0
+        return code[0] if code else 0
     except errors.HotpatchError as e:
         return _fail(str(e), e.exit_code, as_json, e.details)
     except Interrupted as e:

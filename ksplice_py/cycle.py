@@ -302,7 +302,7 @@ class PatchCycle:
     def probe(self) -> AttemptResult:
         """One quiescence probe without writing (``hotpatch check``)."""
         self.transition = Transition(self.proc, self.edition, APPLY)
-        return self.transition.try_complete(write=False)
+        return self.transition.probe()
 
     def abort(self) -> None:
         """Before cutover: unmap what prepare mapped; the target is as before."""

@@ -37,6 +37,15 @@ def busy_ranges(old_code: Iterable[CodeRange], retired_code: Iterable[CodeRange]
     return sorted(ranges, key=lambda r: r.start)
 
 
+def frames_are_safe(pcs: list[int], ranges: list[CodeRange]) -> bool:
+    """Precise verdict from an unwound stack: frame 0's pc as is, callers'
+    return addresses minus one (a call that ends a function returns just
+    past it, which is still "in" that function)."""
+    def inside(v: int) -> bool:
+        return any(r.start <= v < r.end for r in ranges)
+    return not any(inside(pc if i == 0 else pc - 1) for i, pc in enumerate(pcs))
+
+
 def thread_is_safe(rip: int, stack_words: Iterable[int], ranges: list[CodeRange]) -> bool:
     """Reference predicate (the C scan implements exactly this): no rip and
     no stack word inside any busy range."""
@@ -54,13 +63,18 @@ class Blocker:
     reason: str  # human sentence
     addr: int | None = None
     where: str | None = None  # symbolized address
+    backtrace: tuple[str, ...] = ()  # symbolized, innermost first
 
-    def describe(self) -> str:
-        return f"thread {self.tid} ({self.comm}) {self.reason}"
+    def describe(self, frames: int = 6) -> str:
+        text = f"thread {self.tid} ({self.comm}) {self.reason}"
+        if self.backtrace:
+            text += ": " + " <- ".join(self.backtrace[:frames])
+        return text
 
     def to_dict(self) -> dict:
         return {"tid": self.tid, "comm": self.comm, "reason": self.reason,
-                "addr": hex(self.addr) if self.addr is not None else None, "where": self.where}
+                "addr": hex(self.addr) if self.addr is not None else None, "where": self.where,
+                "backtrace": list(self.backtrace)}
 
 
 def thread_name(pid: int, tid: int) -> str:
@@ -72,7 +86,7 @@ def thread_name(pid: int, tid: int) -> str:
 
 
 def blocker(pid: int, tid: int, verdict: int, value: int, ranges: list[CodeRange],
-            symbolize: Callable[[int], str]) -> Blocker:
+            symbolize: Callable[[int], str], backtrace: Iterable[int] = ()) -> Blocker:
     owner = next((r.name for r in ranges if r.start <= value < r.end), None)
     where = symbolize(value) if verdict in (IN_RIP, ON_STACK) else None
     if verdict == IN_RIP:
@@ -83,7 +97,8 @@ def blocker(pid: int, tid: int, verdict: int, value: int, ranges: list[CodeRange
         reason = "has a stack outside any known mapping"
     else:
         reason = "did not stop in time (uninterruptible sleep?)"
-    return Blocker(tid, thread_name(pid, tid), reason, value, where)
+    return Blocker(tid, thread_name(pid, tid), reason, value, where,
+                   tuple(symbolize(pc) for pc in backtrace))
 
 
 def summarize(blockers: list[Blocker], limit: int = 3) -> str:

@@ -22,6 +22,7 @@ from .errors import HotpatchError, NotQuiescent, PatchMismatch, RemoteError
 from .maps import read_maps
 from .quiescence import Blocker, CodeRange
 from .tracer import Injector, World, find_syscall_gadget
+from .unwind import Unwinder
 
 APPLY, REVERT = "apply", "revert"
 REG_NAMES = ("rip", "rsp", "rbp", "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "r8", "r9", "r10",
@@ -94,6 +95,8 @@ class Transition:
             self._busy_ranges(others), harness.critical_ranges(self.harnesses, proc.symbols))
         self.checks = [h for h in self.harnesses if h.check]
         self.writes = self._writes()
+        self.unwinder: Unwinder | None = None  # built after a first blocked attempt
+        self._backtraces: dict[int, list[int]] = {}
 
     # -- init: everything computed before any thread stops ------------------------
     def _check_code(self, others: list[ed.Edition]) -> None:
@@ -120,6 +123,7 @@ class Transition:
         if self.direction == APPLY:
             old = [CodeRange(f.addr, f.addr + max(f.size, len(bytes.fromhex(f.old_bytes))), f.symbol)
                    for f in self.functions]
+            old += [c for f in self.functions for c in self._split_parts(f)]
             # Stacking: a function already redirected retires that earlier
             # edition's code too. We do not record each new function's size,
             # so its whole region counts: conservative, never unsafe.
@@ -135,6 +139,18 @@ class Transition:
                    for f in self.functions]
         regions = [CodeRange(s, s + n, f"edition {self.edition.id}") for s, n in self.edition.regions]
         return quiescence.busy_ranges(windows, regions)
+
+    def _split_parts(self, f: ed.FunctionSwitch) -> list[CodeRange]:
+        """gcc moves unlikely code to ``name.cold``: a thread there is inside
+        the function although neither its rip nor its stack says so."""
+        out = []
+        for suffix in (".cold", ".part.0"):
+            try:
+                sym = self.proc.symbols.resolve(f.symbol + suffix)
+            except HotpatchError:
+                continue
+            out.append(CodeRange(sym.addr, sym.addr + sym.size, sym.qualified))
+        return out
 
     def _writes(self) -> list[tuple[int, bytes]]:
         if self.direction == APPLY:
@@ -161,6 +177,10 @@ class Transition:
                         h.after_cutover(self.proc, self.edition)
                 return result
             remaining = deadline - time.monotonic()
+            if self.unwinder is None:
+                # one more attempt, with precise unwinding, even when time is up
+                self.prepare_precise()
+                remaining = max(remaining, 0.001)
             if remaining <= 0:
                 verb = "switch" if self.direction == APPLY else "revert"
                 raise NotQuiescent(
@@ -169,6 +189,24 @@ class Transition:
                     f"retry later or with a longer --timeout",
                     blockers=[b.to_dict() for b in result.blockers], attempts=self.attempts)
             sleep_backoff(self.attempts, remaining)
+
+    def prepare_precise(self) -> None:
+        """Ready the DWARF unwinder (outside the window) once an attempt was
+        blocked: it dismisses conservative false positives and explains who
+        blocks. Not built up front: most cutovers never need it."""
+        self.unwinder = Unwinder(self.pid, self.mem, read_maps(self.pid))
+        self.unwinder.preload()
+
+    def probe(self) -> AttemptResult:
+        """A check without writing; a blocked probe is retried once with
+        precise unwinding so its verdict and explanation are the real ones."""
+        self.attempts += 1
+        result = self.try_complete(write=False)
+        if not result.done:
+            self.prepare_precise()
+            self.attempts += 1
+            result = self.try_complete(write=False)
+        return result
 
     def try_complete(self, write: bool) -> AttemptResult:
         """One attempt: stop every thread, check, write if safe, release.
@@ -185,6 +223,8 @@ class Transition:
                 unsafe = world.scan(lo_hi, maps) if not late else 0
                 if unsafe and any(t.unsafe == quiescence.STACK_UNKNOWN for t in world.threads()):
                     unsafe = world.scan(lo_hi, read_maps(self.pid))
+                if unsafe and self.unwinder is not None:
+                    unsafe -= self._precise(world)
                 vetoes = self._run_checks(world) if not late and not unsafe else []
                 if not late and not unsafe and not vetoes and write:
                     self._write_all(world)
@@ -198,6 +238,23 @@ class Transition:
                 Blocker(tid, quiescence.thread_name(self.pid, tid), reason) for tid, reason in vetoes]
             return AttemptResult(False, pause, blockers)
         return AttemptResult(True, pause)
+
+    def _precise(self, world: World) -> int:
+        """Unwind the flagged threads with DWARF CFI (slow path, in the
+        window): a stale address the conservative scan saw in a dead stack
+        slot is dismissed when the real call chain is complete and clean.
+        A thread whose rip is in busy code is never dismissed."""
+        dismissed = 0
+        for t in world.threads():
+            if t.unsafe not in (quiescence.IN_RIP, quiescence.ON_STACK):
+                continue
+            frames, complete = self.unwinder.unwind({k: getattr(t.regs, k) for k in REG_NAMES}, 64)
+            pcs = [f.pc for f in frames]
+            self._backtraces[t.tid] = pcs
+            if t.unsafe == quiescence.ON_STACK and complete and quiescence.frames_are_safe(pcs, self.ranges):
+                t.unsafe = quiescence.SAFE
+                dismissed += 1
+        return dismissed
 
     def _run_checks(self, world: World) -> list[tuple[int, str]]:
         """Harness checks, inside the window (they may read memory/registers)."""
@@ -233,7 +290,8 @@ class Transition:
                 pass
 
     def _blockers(self, verdicts, late) -> list[Blocker]:
-        out = [quiescence.blocker(self.pid, tid, v, val, self.ranges, self.proc.symbolize)
+        out = [quiescence.blocker(self.pid, tid, v, val, self.ranges, self.proc.symbolize,
+                                  self._backtraces.get(tid, ()))
                for tid, v, val in verdicts]
         out += [quiescence.blocker(self.pid, tid, quiescence.NOT_STOPPED, 0, self.ranges, self.proc.symbolize)
                 for tid in late]

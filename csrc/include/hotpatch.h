@@ -44,14 +44,21 @@
 #define HOTPATCH_KIND_SYMBOL 3   /* a = &ptr_var                            */
 #define HOTPATCH_KIND_BUILD_ID 4 /* target = object, a = hex build-id       */
 
+/* A pointer field: a union so that functions need no (non-ISO)
+ * function-to-object pointer conversion; 8 bytes either way. */
+union hotpatch_ptr {
+    const void *obj;
+    void (*func)(void);
+};
+
 /* 32 bytes, 8-aligned: the section is an array of these. */
 struct hotpatch_record {
     uint32_t magic;
     uint16_t version;
     uint16_t kind;
     const char *target;
-    const void *a;
-    const void *b;
+    union hotpatch_ptr a;
+    union hotpatch_ptr b;
 };
 
 _Static_assert(sizeof(struct hotpatch_record) == 32, "hotpatch_record layout");
@@ -79,12 +86,13 @@ _Static_assert(sizeof(struct hotpatch_record) == 32, "hotpatch_record layout");
     static struct hotpatch_record id                                     \
         __attribute__((used, section(".hotpatch"), aligned(8))) = {      \
             HOTPATCH_MAGIC, HOTPATCH_VERSION, (kind_), (target_),        \
-            (const void *)(a_), (const void *)(b_)}
+            a_, b_}
 
 #define HOTPATCH__REPLACE(id, target, newfunc)                            \
     _Static_assert(HOTPATCH__IS_FUNCTION(newfunc),                        \
                    "HOTPATCH_REPLACE: '" #newfunc "' must be a function"); \
-    HOTPATCH__RECORD(id, HOTPATCH_KIND_REPLACE, "" target "", newfunc, 0)
+    HOTPATCH__RECORD(id, HOTPATCH_KIND_REPLACE, "" target "",            \
+                     {.func = (void (*)(void))(newfunc)}, {0})
 
 #define HOTPATCH__WRAP(id, target, wrapper, orig_ptr_var)                     \
     _Static_assert(HOTPATCH__IS_FUNCTION(wrapper),                            \
@@ -93,16 +101,17 @@ _Static_assert(sizeof(struct hotpatch_record) == 32, "hotpatch_record layout");
                                                 __typeof__(wrapper) **),      \
                    "HOTPATCH_WRAP: '" #orig_ptr_var "' must be a non-const pointer to " \
                    "a function of the same type as '" #wrapper "'");          \
-    HOTPATCH__RECORD(id, HOTPATCH_KIND_WRAP, "" target "", wrapper, &(orig_ptr_var))
+    HOTPATCH__RECORD(id, HOTPATCH_KIND_WRAP, "" target "",                    \
+                     {.func = (void (*)(void))(wrapper)}, {.obj = &(orig_ptr_var)})
 
 #define HOTPATCH__SYMBOL(id, target, ptr_var)                              \
     _Static_assert(HOTPATCH__IS_POINTER(ptr_var),                          \
                    "HOTPATCH_SYMBOL: '" #ptr_var "' must be a non-const pointer variable"); \
-    HOTPATCH__RECORD(id, HOTPATCH_KIND_SYMBOL, "" target "", &(ptr_var), 0)
+    HOTPATCH__RECORD(id, HOTPATCH_KIND_SYMBOL, "" target "", {.obj = &(ptr_var)}, {0})
 
 #define HOTPATCH__BUILD_ID(id, object, hex)                                   \
     _Static_assert(sizeof(hex) > 1, "HOTPATCH_BUILD_ID: empty build-id");     \
-    HOTPATCH__RECORD(id, HOTPATCH_KIND_BUILD_ID, "" object "", "" hex "", 0)
+    HOTPATCH__RECORD(id, HOTPATCH_KIND_BUILD_ID, "" object "", {.obj = "" hex ""}, {0})
 
 /* Public macros: `target`, `object` and `hex` must be string literals. */
 #define HOTPATCH_REPLACE(target, newfunc) \

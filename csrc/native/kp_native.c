@@ -63,6 +63,46 @@ static void init_thread(struct kp_thread *th, int tid)
     th->state = KP_RUNNING;
 }
 
+/* Syscalls that return -EINTR instead of an -ERESTART* code when woken with
+ * no signal to deliver, as PTRACE_INTERRUPT wakes them: epoll_wait family,
+ * rt_sigtimedwait, semop/semtimedop, io_getevents, io_pgetevents, and socket
+ * calls with SO_RCVTIMEO/SO_SNDTIMEO. EINTR means nothing was transferred. */
+static int eintr_syscall(long nr)
+{
+    switch (nr) {
+    case 232: case 281: case 441:          /* epoll_wait, epoll_pwait, epoll_pwait2 */
+    case 128:                              /* rt_sigtimedwait */
+    case 65: case 220:                     /* semop, semtimedop */
+    case 208: case 333:                    /* io_getevents, io_pgetevents */
+    case 42: case 43: case 288:            /* connect, accept, accept4 */
+    case 44: case 45: case 46: case 47:    /* sendto, recvfrom, sendmsg, recvmsg */
+    case 299: case 307:                    /* recvmmsg, sendmmsg */
+        return 1;
+    }
+    return 0;
+}
+
+/* Our interrupt (not a signal) woke the thread out of such a syscall: rewind
+ * it to its `syscall` instruction so it re-issues the call on resume, exactly
+ * as the kernel restarts -ERESTARTNOHAND calls. A real signal is never
+ * undone this way: those stops are signal-delivery-stops, not ours. */
+static void undo_spurious_eintr(struct kp_thread *th)
+{
+    struct kp_regs *r = &th->regs;
+    if ((long)r->rax != -EINTR || !eintr_syscall((long)r->orig_rax))
+        return;
+    unsigned char insn[2];
+    struct iovec local = {insn, 2}, remote = {(void *)(r->rip - 2), 2};
+    if (process_vm_readv(th->tid, &local, 1, &remote, 1, 0) != 2 || insn[0] != 0x0f || insn[1] != 0x05)
+        return;
+    r->rip -= 2;
+    r->rax = r->orig_rax;
+    if (ptrace(PTRACE_SETREGS, th->tid, 0, r) != 0) {
+        r->rip += 2;
+        r->rax = (unsigned long)-EINTR;
+    }
+}
+
 /* Interpret one wait status of a thread we wait for; returns 1 if it is now
  * stopped (or gone) for good, 0 if we must keep waiting (e.g. after resuming
  * a stop that is not ours to keep). */
@@ -90,8 +130,12 @@ static int on_status(struct kp_thread *t, int *n, int cap, struct kp_thread *th,
         note_signal(th, sig);
     }
     th->state = KP_STOPPED;
-    if (ptrace(PTRACE_GETREGS, th->tid, 0, &th->regs) != 0 && errno == ESRCH)
+    if (ptrace(PTRACE_GETREGS, th->tid, 0, &th->regs) != 0 && errno == ESRCH) {
         th->state = KP_GONE;
+        return 1;
+    }
+    if (event == PTRACE_EVENT_STOP && !th->group_stop)
+        undo_spurious_eintr(th);
     return 1;
 }
 
