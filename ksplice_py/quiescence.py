@@ -64,6 +64,7 @@ class Blocker:
     addr: int | None = None
     where: str | None = None  # symbolized address
     backtrace: tuple[str, ...] = ()  # symbolized, innermost first
+    pcs: tuple[int, ...] = ()  # the same frames, raw
 
     def describe(self, frames: int = 6) -> str:
         text = f"thread {self.tid} ({self.comm}) {self.reason}"
@@ -74,7 +75,7 @@ class Blocker:
     def to_dict(self) -> dict:
         return {"tid": self.tid, "comm": self.comm, "reason": self.reason,
                 "addr": hex(self.addr) if self.addr is not None else None, "where": self.where,
-                "backtrace": list(self.backtrace)}
+                "backtrace": list(self.backtrace), "pcs": [hex(pc) for pc in self.pcs]}
 
 
 def thread_name(pid: int, tid: int) -> str:
@@ -97,8 +98,9 @@ def blocker(pid: int, tid: int, verdict: int, value: int, ranges: list[CodeRange
         reason = "has a stack outside any known mapping"
     else:
         reason = "did not stop in time (uninterruptible sleep?)"
+    pcs = tuple(backtrace)
     return Blocker(tid, thread_name(pid, tid), reason, value, where,
-                   tuple(symbolize(pc) for pc in backtrace))
+                   tuple(symbolize(pc) for pc in pcs), pcs)
 
 
 def summarize(blockers: list[Blocker], limit: int = 3) -> str:
