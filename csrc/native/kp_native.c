@@ -184,22 +184,7 @@ int kp_stop_all(struct kp_thread *t, int *n, int cap, long timeout_us)
     }
 }
 
-/* Sorted disjoint ranges: binary search. */
-static int in_ranges(unsigned long v, const unsigned long *lo, const unsigned long *hi, int n)
-{
-    int a = 0, b = n;
-    while (a < b) {
-        int m = (a + b) / 2;
-        if (v < lo[m])
-            b = m;
-        else if (v >= hi[m])
-            a = m + 1;
-        else
-            return 1;
-    }
-    return 0;
-}
-
+/* Sorted disjoint ranges [lo[i], hi[i]): index of the one holding v, or -1. */
 static long range_index(unsigned long v, const unsigned long *lo, const unsigned long *hi, int n)
 {
     int a = 0, b = n;
@@ -213,6 +198,11 @@ static long range_index(unsigned long v, const unsigned long *lo, const unsigned
             return m;
     }
     return -1;
+}
+
+static int in_ranges(unsigned long v, const unsigned long *lo, const unsigned long *hi, int n)
+{
+    return range_index(v, lo, hi, n) >= 0;
 }
 
 #define SCAN_CHUNK 65536
