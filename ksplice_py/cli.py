@@ -2,6 +2,11 @@
 
 Exit codes (design.md): 0 done, 2 bad usage/input, 3 no safe moment,
 4 patch does not fit, 1 anything else. Errors are one line on stderr.
+
+Hardening (docs/security.md): patch files are read once through trust.py
+(as root: ownership and modes checked, ``--insecure`` to skip; ``--sha256``
+pins the content); every command that changes a target is recorded by
+audit.py in syslog and, with ``--log-file``, as a JSON line.
 """
 from __future__ import annotations
 
@@ -12,10 +17,10 @@ import signal
 import sys
 from typing import Callable
 
-from . import errors, harness
+from . import audit, errors, harness, trust
 from .cycle import HarnessChoice
 from .patchfile import PatchFile, cflags
-from .process import attach
+from .process import Process, attach
 
 
 class _Usage(errors.BadInput):
@@ -62,31 +67,41 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("patch")
     c.add_argument("--timeout", type=str, default="5", help="seconds to wait for a safe moment (default 5)")
     _harness_options(c)
+    _trust_options(c)
+    _log_option(c)
     c = cmd("check", "would the patch apply now? (prepare, finalize, one probe, abort)")
     c.add_argument("pid", type=str)
     c.add_argument("patch")
     _harness_options(c)
+    _trust_options(c)
     c = cmd("list", "the editions applied to a process, newest first")
     c.add_argument("pid", type=str)
     c = cmd("revert", "undo the newest (or the given) edition")
     c.add_argument("pid", type=str)
     c.add_argument("id", nargs="?", type=str)
     c.add_argument("--timeout", type=str, default="5", help="seconds to wait for a safe moment (default 5)")
+    _log_option(c)
     c = cmd("prepare", "stage a patch: mapped and linked, not switched (see cutover)")
     c.add_argument("pid", type=str)
     c.add_argument("patch")
     _harness_options(c)
+    _trust_options(c)
+    _log_option(c)
     c = cmd("cutover", "switch a prepared edition (the newest by default)")
     c.add_argument("pid", type=str)
     c.add_argument("id", nargs="?", type=str)
     c.add_argument("--timeout", type=str, default="5", help="seconds to wait for a safe moment (default 5)")
+    _log_option(c)
     c = cmd("abort", "discard a prepared edition (the newest by default)")
     c.add_argument("pid", type=str)
     c.add_argument("id", nargs="?", type=str)
+    _log_option(c)
     c = cmd("recover", "finish or undo what an interrupted hotpatch left behind")
     c.add_argument("pid", type=str)
+    _log_option(c)
     c = cmd("info", "what a patch replaces, wraps and needs")
     c.add_argument("patch")
+    c.add_argument("--sha256", metavar="HEX", help="refuse the patch unless its content has this sha256")
     cmd("cflags", "compiler flags for building patches")
     cmd("harnesses", "the quiescence harnesses installed")
     return p
@@ -99,23 +114,53 @@ def _harness_options(c: argparse.ArgumentParser) -> None:
     c.add_argument("--force", action="store_true", help="allow --no-harness on governed objects")
 
 
+def _trust_options(c: argparse.ArgumentParser) -> None:
+    c.add_argument("--sha256", metavar="HEX", help="refuse the patch unless its content has this sha256")
+    c.add_argument("--insecure", action="store_true",
+                   help="as root, accept a patch file (or directory) writable or owned by another user")
+
+
+def _log_option(c: argparse.ArgumentParser) -> None:
+    c.add_argument("--log-file", metavar="PATH",
+                   help="append a JSON line recording this change (it also goes to syslog)")
+
+
 def _choice(a) -> HarnessChoice:
     return HarnessChoice(tuple(a.harness), a.no_harness, a.force)
+
+
+def _patch(a) -> PatchFile:
+    """The patch, read once (trust.py); every later step uses these bytes."""
+    pin = trust.parse_sha256(a.sha256) if getattr(a, "sha256", None) else None
+    # `info` only reads: ownership is not checked there, a pinned hash is.
+    enforce = None if a.command != "info" else False
+    patch = trust.load_patch(a.patch, trust.Policy(getattr(a, "insecure", False), pin, enforce))
+    a.audit.patch_file(patch)
+    return patch
+
+
+def _attach(a) -> Process:
+    proc = attach(_pid(a.pid))
+    a.audit.target(proc)
+    return proc
 
 
 # -- commands ---------------------------------------------------------------
 
 def do_apply(a) -> tuple[dict, str]:
-    with attach(_pid(a.pid)) as proc:
-        e = proc.apply(a.patch, timeout=_seconds(a.timeout), harnesses=_choice(a))
+    timeout, patch = _seconds(a.timeout), _patch(a)
+    with _attach(a) as proc:
+        e = proc.apply(patch, timeout=timeout, harnesses=_choice(a))
+    a.audit.edition_done(e)
     text = (f"edition {e.id} applied to pid {a.pid}: {_summary(e)}; "
             f"pause {e.pause_us:.0f} µs ({e.attempts} attempt{'s' if e.attempts != 1 else ''})")
     return e.to_dict() | {"pid": int(a.pid)}, text
 
 
 def do_check(a) -> tuple[dict, str]:
-    with attach(_pid(a.pid)) as proc:
-        r = proc.check(a.patch, harnesses=_choice(a))
+    patch = _patch(a)
+    with _attach(a) as proc:
+        r = proc.check(patch, harnesses=_choice(a))
     funcs = ", ".join(f["symbol"] for f in r.functions)
     if r.safe_now:
         text = f"{r.patch} fits pid {r.pid} ({funcs}) and could be switched now (probe pause {r.pause_us:.0f} µs)"
@@ -127,7 +172,7 @@ def do_check(a) -> tuple[dict, str]:
 
 
 def do_list(a) -> tuple[list, str]:
-    with attach(_pid(a.pid)) as proc:
+    with _attach(a) as proc:
         eds = proc.editions()
     if not eds:
         return [], f"no editions in pid {a.pid}"
@@ -152,40 +197,48 @@ def _summary(e) -> str:
 
 
 def do_revert(a) -> tuple[dict, str]:
-    with attach(_pid(a.pid)) as proc:
-        e = proc.revert(_edition_id(a.id), timeout=_seconds(a.timeout))
+    eid, timeout = _edition_id(a.id), _seconds(a.timeout)
+    with _attach(a) as proc:
+        e = proc.revert(eid, timeout=timeout)
+    a.audit.edition_done(e)
     return e.to_dict() | {"pid": int(a.pid)}, (
         f"edition {e.id} reverted in pid {a.pid}: {_summary(e)} restored; pause {e.pause_us:.0f} µs")
 
 
 def do_prepare(a) -> tuple[dict, str]:
-    with attach(_pid(a.pid)) as proc:
-        e = proc.prepare(a.patch, harnesses=_choice(a))
+    patch = _patch(a)
+    with _attach(a) as proc:
+        e = proc.prepare(patch, harnesses=_choice(a))
+    a.audit.edition_done(e)
     return e.to_dict() | {"pid": int(a.pid)}, (
         f"edition {e.id} prepared in pid {a.pid}: {_summary(e)}; switch it with: hotpatch cutover {a.pid} {e.id}")
 
 
 def do_cutover(a) -> tuple[dict, str]:
-    with attach(_pid(a.pid)) as proc:
-        e = proc.cutover(_edition_id(a.id), timeout=_seconds(a.timeout))
+    eid, timeout = _edition_id(a.id), _seconds(a.timeout)
+    with _attach(a) as proc:
+        e = proc.cutover(eid, timeout=timeout)
+    a.audit.edition_done(e)
     return e.to_dict() | {"pid": int(a.pid)}, (
         f"edition {e.id} switched in pid {a.pid}: {_summary(e)}; pause {e.pause_us:.0f} µs")
 
 
 def do_abort(a) -> tuple[dict, str]:
-    with attach(_pid(a.pid)) as proc:
-        e = proc.abort(_edition_id(a.id))
+    eid = _edition_id(a.id)
+    with _attach(a) as proc:
+        e = proc.abort(eid)
+    a.audit.edition_done(e)
     return e.to_dict() | {"pid": int(a.pid)}, f"edition {e.id} aborted in pid {a.pid}; its memory is gone"
 
 
 def do_recover(a) -> tuple[list, str]:
-    with attach(_pid(a.pid)) as proc:
+    with _attach(a) as proc:
         done = proc.recover()
     return done, "\n".join(done) if done else f"nothing to recover in pid {a.pid}"
 
 
 def do_info(a) -> tuple[dict, str]:
-    d = PatchFile.load(a.patch).to_dict()
+    d = _patch(a).to_dict()
     lines = [f"{a.patch}: sha256 {d.get('sha256', '?')}"]
     for key, label in (("replaces", "replaces"), ("wraps", "wraps"), ("symbols", "needs symbol"),
                        ("pins", "pinned to"), ("imports", "imports")):
@@ -233,23 +286,48 @@ def main(argv: list[str] | None = None) -> int:
     as_json = "--json" in argv
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
+    session = _Session()
+    rc, error, details = _run(argv, as_json, session)
+    if session.trail is not None:  # one audit record, whatever the outcome
+        session.record.finish(rc, error and " ".join(error.split()))
+        session.trail.write(session.record)
+        session.trail.close()
+    return rc if error is None else _fail(error, rc, as_json, details)
+
+
+class _Session:
+    """What the audit trail needs to know about this invocation."""
+
+    def __init__(self) -> None:
+        self.record = audit.AuditRecord(action="?")
+        self.trail: audit.AuditLog | None = None
+
+
+def _run(argv: list[str], as_json: bool, session: _Session) -> tuple[int, str | None, dict | None]:
+    """(exit code, error line or None, details for --json)."""
     try:
         args = build_parser().parse_args(argv)
         if not args.command:
             raise _Usage("no command given")
+        session.record.action = args.command
+        args.audit = session.record
+        if args.command in audit.AUDITED:
+            if args.pid.isdigit():
+                session.record.pid = int(args.pid)
+            session.trail = audit.AuditLog(args.log_file)  # opened before the target is touched
         data, text, *code = COMMANDS[args.command](args)
         print(json.dumps(data, indent=2) if as_json else text)
-        return code[0] if code else 0
+        return (code[0] if code else 0), None, None
     except errors.HotpatchError as e:
-        return _fail(str(e), e.exit_code, as_json, e.details)
+        return e.exit_code, str(e), e.details
     except Interrupted as e:
-        return _fail(f"interrupted by {e}; the target was left running and unchanged", 1, as_json)
+        return 1, f"interrupted by {e}; the target was left running and unchanged", None
     except SystemExit as e:  # --help
-        return int(e.code or 0)
+        return int(e.code or 0), None, None
     except Exception as e:  # a bug: still one line, still exit 1
         if os.environ.get("KSPLICE_PY_DEBUG"):
             raise
-        return _fail(f"internal error: {type(e).__name__}: {e} (set KSPLICE_PY_DEBUG=1 for details)", 1, as_json)
+        return 1, f"internal error: {type(e).__name__}: {e} (set KSPLICE_PY_DEBUG=1 for details)", None
 
 
 def _fail(message: str, code: int, as_json: bool, details: dict | None = None) -> int:

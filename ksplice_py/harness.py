@@ -16,7 +16,6 @@ import importlib.util
 import os
 from dataclasses import dataclass, field
 from functools import lru_cache
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -95,6 +94,8 @@ def discover() -> dict[str, Harness]:
             if not path.name.startswith("_"):
                 for h in _from_module(path):
                     found[h.name] = h
+    from importlib import metadata  # slow to import; only needed here
+
     for ep in metadata.entry_points(group="ksplice_py.harnesses"):
         try:
             obj = ep.load()

@@ -13,8 +13,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from . import editions as ed
+from . import trust
 from .cycle import HarnessChoice, PatchCycle
 from .errors import AccessDenied, BadInput, HotpatchError, RemoteError
+from .identity import TargetHandle, check_architecture
 from .maps import exe_path, read_maps
 from .memory import RemoteMemory
 from .patchfile import PatchFile
@@ -48,15 +50,72 @@ def _lock_dir() -> str:
     return tempfile.gettempdir()
 
 
+class _GuardedCycle(PatchCycle):
+    """The patch cycle, with the target's identity re-checked before each
+    phase that writes into it (identity.py), and no abort into a process
+    that is no longer ours."""
+
+    def prepare(self) -> None:
+        self.proc.verify("preparing the patch")
+        super().prepare()
+
+    def apply(self) -> None:
+        self.proc.verify("loading the patch")
+        super().apply()
+
+    def finalize(self) -> None:
+        self.proc.verify("finalizing the patch")
+        super().finalize()
+
+    def cutover(self, timeout: float) -> ed.Edition:
+        self.proc.verify("switching")
+        return super().cutover(timeout)
+
+    def abort(self) -> None:
+        if self.proc.same_process():
+            super().abort()
+        else:  # its memory went with it; never unmap in whoever has the pid now
+            self._mapped = False
+
+
 class Process:
-    """A running target. Holds no ptrace attachment between operations."""
+    """A running target. Holds no ptrace attachment between operations, but
+    holds the process itself (a pidfd) from attach to close."""
 
     def __init__(self, pid: int) -> None:
-        check_target(pid)
-        self.pid = pid
-        self.exe = exe_path(pid)
-        self.mem = RemoteMemory(pid)
+        self.handle = TargetHandle(pid)  # first: from here on it is *this* process
+        try:
+            check_target(pid)
+            check_architecture(pid)
+            self.pid = pid
+            self.exe = exe_path(pid)
+            self.mem = RemoteMemory(pid)
+            try:  # bound to this address space: writes never reach another process
+                self.mem.mem_fd()
+            except HotpatchError:
+                pass  # not writable (read-only use): opened, and refused, when needed
+            self.handle.verify()
+        except BaseException:
+            self.handle.close()
+            raise
         self._symbols: TargetSymbols | None = None
+
+    @property
+    def start_time(self) -> int:
+        """Field 22 of /proc/PID/stat at attach: with the pid, names this process."""
+        return self.handle.start_time
+
+    def verify(self, doing: str = "") -> None:
+        """Raise TargetGone (PidReused) unless the pid still names the process
+        attached to, running the same program."""
+        self.handle.verify(doing)
+
+    def same_process(self) -> bool:
+        try:
+            self.handle.verify()
+        except HotpatchError:
+            return False
+        return True
 
     @property
     def symbols(self) -> TargetSymbols:
@@ -72,17 +131,18 @@ class Process:
         patch = _load(patch)
         with self._locked():
             self._recover(timeout)
-            cycle = PatchCycle(self, patch, harnesses=harnesses)
+            cycle = _GuardedCycle(self, patch, harnesses=harnesses)
             edition = cycle.run(timeout)
             edition.attempts = cycle.attempts
-            return edition
+        self.verify("applying")
+        return edition
 
     def check(self, patch: str | PatchFile, harnesses: HarnessChoice | None = None) -> CheckReport:
         """prepare + apply + finalize + one quiescence probe, then abort."""
         patch = _load(patch)
         with self._locked():
             self._recover()
-            cycle = PatchCycle(self, patch, harnesses=harnesses)
+            cycle = _GuardedCycle(self, patch, harnesses=harnesses)
             try:
                 cycle.prepare()
                 cycle.apply()
@@ -90,6 +150,7 @@ class Process:
                 result = cycle.probe()
             finally:
                 cycle.abort()
+        self.verify("checking")
         funcs = [{"target": f.target, "symbol": f.symbol, "kind": f.kind, "addr": hex(f.addr)}
                  for f in cycle.edition.functions]
         return CheckReport(self.pid, patch.name, funcs, result.done, result.blockers, result.pause_us)
@@ -100,7 +161,7 @@ class Process:
         patch = _load(patch)
         with self._locked():
             self._recover()
-            cycle = PatchCycle(self, patch, staged=True, harnesses=harnesses)
+            cycle = _GuardedCycle(self, patch, staged=True, harnesses=harnesses)
             try:
                 cycle.prepare()
                 cycle.apply()
@@ -108,7 +169,8 @@ class Process:
             except BaseException:
                 cycle.abort()
                 raise
-            return cycle.edition
+        self.verify("preparing")
+        return cycle.edition
 
     def cutover(self, edition_id: int | None = None, timeout: float = 5.0) -> ed.Edition:
         """Switch a prepared edition (the newest prepared one by default)."""
@@ -116,16 +178,20 @@ class Process:
             self._recover()
             e = self._pick(edition_id, "prepared")
             t = Transition(self, e, APPLY)
+            self.verify("switching")
             t.start(timeout)
-            return e
+        self.verify("switching")
+        return e
 
     def abort(self, edition_id: int | None = None) -> ed.Edition:
         """Discard a prepared edition; its memory leaves the target."""
         with self._locked():
             self._recover()
             e = self._pick(edition_id, "prepared")
+            self.verify("aborting")
             unmap_regions(self, e.regions)
-            return e
+        self.verify("aborting")
+        return e
 
     def revert(self, edition_id: int | None = None, timeout: float = 5.0) -> ed.Edition:
         """Undo an applied edition (the newest by default): a cutover in
@@ -135,17 +201,23 @@ class Process:
             self._recover()
             e = self._pick(edition_id, "applied")
             t = Transition(self, e, REVERT)
+            self.verify("reverting")
             t.start(timeout)
-            return e
+        self.verify("reverting")
+        return e
 
     def recover(self, timeout: float = 5.0) -> list[str]:
         """Finish or undo whatever an interrupted tool left behind."""
         with self._locked():
-            return self._recover(timeout)
+            done = self._recover(timeout)
+        self.verify("recovering")
+        return done
 
     def editions(self) -> list[ed.Edition]:
         """Editions applied or prepared in the target, newest first."""
-        return ed.list_editions(self.mem, read_maps(self.pid))[0]
+        eds = ed.list_editions(self.mem, read_maps(self.pid))[0]
+        self.verify("reading its editions")  # what we read was this process's
+        return eds
 
     def symbolize(self, addr: int) -> str:
         """``object:function+0xoff`` for an address in the target."""
@@ -173,6 +245,7 @@ class Process:
     def _recover(self, timeout: float = 5.0) -> list[str]:
         """Called under the lock, so no other live tool is mid-operation:
         anything unstable was left by a tool that died."""
+        self.verify()
         maps = read_maps(self.pid)
         eds, orphans = ed.list_editions(self.mem, maps)
         done: list[str] = []
@@ -216,7 +289,12 @@ class Process:
         """One hotpatch at a time per target: two tools interleaving
         trampoline writes could leave a mix."""
         path = os.path.join(_lock_dir(), f"ksplice_py.{self.pid}.lock")
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        # O_NOFOLLOW: the lock directory may be world-writable (sticky);
+        # root must not be led through someone's symlink.
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        except OSError as e:
+            raise AccessDenied(f"cannot open the lock file {path}: {e.strerror}; remove it if stale") from None
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -229,6 +307,7 @@ class Process:
 
     def close(self) -> None:
         self.mem.close()
+        self.handle.close()
 
     def __enter__(self) -> "Process":
         return self
@@ -238,11 +317,13 @@ class Process:
 
 
 def _load(patch: str | PatchFile) -> PatchFile:
-    return patch if isinstance(patch, PatchFile) else PatchFile.load(patch)
+    """A path is read once, with trust.py's checks (as root: owner and modes)."""
+    return patch if isinstance(patch, PatchFile) else trust.load_patch(patch)
 
 
 def attach(pid: int) -> Process:
-    """A Process for ``pid``; raises NoSuchProcess/AccessDenied up front."""
+    """A Process for ``pid``; raises NoSuchProcess/AccessDenied up front, and
+    UnsupportedTarget (exit 2) for a process that is not x86-64."""
     return Process(pid)
 
 

@@ -20,7 +20,7 @@ from . import native
 from .errors import AccessDenied, NoSuchProcess, RemoteError, TargetGone
 from .maps import Mapping
 
-MAX_THREADS = 65536
+MAX_THREADS = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,17 @@ def _is_zombie(pid: int, tid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] in "ZX"
     except (FileNotFoundError, ProcessLookupError, IndexError):
         return True
+
+
+def _tracer_of(pid: int, tid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/task/{tid}/status") as f:
+            for line in f:
+                if line.startswith("TracerPid:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0
 
 
 def check_target(pid: int) -> None:
@@ -105,9 +116,14 @@ class World:
                 break
             for tid in fresh:
                 seen.add(tid)
-                rc = self.lib.kp_seize(tid)
+                rc = self.lib.kp_seize(tid, 1)
                 if rc == -errno.ESRCH:
                     continue  # the thread exited meanwhile
+                if rc == -errno.EPERM and _tracer_of(self.pid, tid) == os.getpid():
+                    # cloned by a thread we had seized: auto-attached to us
+                    # (PTRACE_O_TRACECLONE); it reports its own stop later
+                    self._append(tid)
+                    continue
                 if rc != 0:
                     if not self._n[0]:
                         raise _seize_error(self.pid, tid, -rc)
@@ -135,9 +151,10 @@ class World:
     # -- the stopped window ----------------------------------------------
     def stop(self, timeout_s: float) -> list[int]:
         """Stop all threads. Returns tids that did not stop in time."""
-        # Room for threads born during the stop; grown before, not inside.
-        if self._cap - self._n[0] < 64:
-            self._grow(self._cap + 256)
+        # Room for threads born during the stop, grown before, not inside;
+        # a thread born past the room would stay in its auto-attach stop.
+        if self._cap - self._n[0] < 1024:
+            self._grow(self._n[0] + 1024)
         late = self.lib.kp_stop_all(self._arr, self._n, self._cap, int(timeout_s * 1e6))
         self.stopped = True
         if self.alive() == 0:
@@ -219,9 +236,12 @@ class Injector:
         self._n = self.ffi.new("int *", 0)
 
     def __enter__(self) -> "Injector":
-        tids = [self.tid] + [t for t in list_tids(self.pid) if t != self.tid]
-        for tid in tids[:4]:  # the leader may be a zombie or stuck; try a few
-            rc = self.lib.kp_seize(tid)
+        live = list_tids(self.pid)  # zombies (an exited leader) excluded
+        tids = ([self.tid] if self.tid in live else []) + [t for t in live if t != self.tid]
+        for tid in tids[:4]:  # a thread may be stuck (D state); try a few
+            # No PTRACE_O_TRACECLONE: this thread must never stop inside a
+            # clone() (see kp_inject_syscall), and its children are not ours.
+            rc = self.lib.kp_seize(tid, 0)
             if rc == -errno.ESRCH:
                 continue
             if rc != 0:
@@ -230,7 +250,6 @@ class Injector:
             if self.lib.kp_stop_all(self._t, self._n, 8, 500_000) == 0 and \
                     self._t[0].state == self.lib.KP_STOPPED:
                 self.tid = tid
-                # a clone event may have added a child; let it go at once
                 return self
             self._release()
         raise TargetGone(f"no thread of process {self.pid} could be stopped to run a syscall")

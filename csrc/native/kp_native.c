@@ -30,9 +30,10 @@ double kp_now_us(void)
     return ts.tv_sec * 1e6 + ts.tv_nsec / 1e3;
 }
 
-int kp_seize(int tid)
+int kp_seize(int tid, int follow_clones)
 {
-    if (ptrace(PTRACE_SEIZE, tid, 0, (void *)(long)PTRACE_O_TRACECLONE) == 0)
+    long opts = follow_clones ? PTRACE_O_TRACECLONE : 0;
+    if (ptrace(PTRACE_SEIZE, tid, 0, (void *)opts) == 0)
         return 0;
     return -errno;
 }
@@ -116,6 +117,7 @@ static int on_status(struct kp_thread *t, int *n, int cap, struct kp_thread *th,
         return 0;
     int event = (unsigned)st >> 16;
     int sig = WSTOPSIG(st);
+    th->event = event;
     if (event == PTRACE_EVENT_CLONE) {
         unsigned long child = 0;
         ptrace(PTRACE_GETEVENTMSG, th->tid, 0, &child);
@@ -321,6 +323,12 @@ int kp_inject_syscall(struct kp_thread *th, unsigned long gadget, long nr,
                       long *ret)
 {
     struct user_regs_struct saved, r;
+    /* Only stops on the return-to-user path (interrupt, signal, group stop)
+     * take new registers safely. In a syscall-event stop such as
+     * PTRACE_EVENT_CLONE the kernel still writes the syscall's result into
+     * rax afterwards: our syscall would run with a tid as its number. */
+    if (th->event != 0 && th->event != PTRACE_EVENT_STOP)
+        return -EINVAL;
     if (ptrace(PTRACE_GETREGS, th->tid, 0, &saved) != 0)
         return -errno;
     r = saved;

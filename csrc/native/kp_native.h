@@ -21,6 +21,7 @@ struct kp_thread {
     int tid;
     int state;
     int group_stop;              /* stopped in a group-stop: leave it stopped */
+    int event;                   /* PTRACE_EVENT_* of its stop (0: signal-delivery-stop) */
     int nsigs;                   /* signals caught while stopped, re-delivered on release */
     int sigs[8];
     struct kp_regs regs;
@@ -30,8 +31,9 @@ struct kp_thread {
     unsigned long hit_where;     /* rip, or the stack slot holding it */
 };
 
-/* Seize one thread (PTRACE_SEIZE with TRACECLONE). Returns 0 or -errno. */
-int kp_seize(int tid);
+/* Seize one thread (PTRACE_SEIZE, with PTRACE_O_TRACECLONE when follow_clones
+ * is set). Returns 0 or -errno. */
+int kp_seize(int tid, int follow_clones);
 
 /* Interrupt every RUNNING thread of t[0..*n) and wait until each is stopped,
  * gone, or the deadline passes. Threads born meanwhile are appended (up to

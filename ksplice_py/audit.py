@@ -1,0 +1,147 @@
+"""Audit trail: who changed which process, with what, and how it ended.
+
+Every command that changes a target (apply, prepare, cutover, abort, revert,
+recover) leaves one record, whatever its outcome:
+
+* in syslog: ident ``hotpatch``, facility LOG_AUTHPRIV (the "who did what as
+  root" log, like sudo's), NOTICE when it succeeded and WARNING when not;
+  the message is the record as JSON. Without a syslog daemon the libc call
+  drops it silently, and any error there is ignored: logging must never be
+  the reason a patch fails or is left half-done;
+* in ``--log-file PATH`` as one JSON line, appended with a single write(2)
+  on an O_APPEND descriptor, so concurrent tools never interleave lines.
+  The log file is opened *before* the target is touched, so a bad path is
+  refused (exit 2) up front rather than discovered after a change.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+from .errors import BadInput
+
+try:  # not every Python build ships it; never a reason to fail
+    import syslog
+except ImportError:  # pragma: no cover
+    syslog = None  # type: ignore[assignment]
+
+SYSLOG_IDENT = "hotpatch"
+AUDITED = ("apply", "prepare", "cutover", "abort", "revert", "recover")
+
+
+def invoking_user() -> dict:
+    """uid and name of who ran us, and who they were before sudo."""
+    uid = os.getuid()
+    try:
+        name = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        name = None
+    user = {"uid": uid, "euid": os.geteuid(), "name": name}
+    if os.environ.get("SUDO_USER"):
+        user["sudo_user"] = os.environ["SUDO_USER"]
+        if os.environ.get("SUDO_UID", "").isdigit():
+            user["sudo_uid"] = int(os.environ["SUDO_UID"])
+    return user
+
+
+@dataclass
+class AuditRecord:
+    """Filled in as the command proceeds, so a failure still says as much
+    as was known (target, patch) when it happened."""
+
+    action: str
+    pid: int | None = None
+    target_start_time: int | None = None  # with pid: names one process for the machine's life
+    exe: str | None = None
+    patch: str | None = None
+    sha256: str | None = None
+    functions: list[str] = field(default_factory=list)
+    edition: int | None = None
+    result: str = "ok"  # "ok" | "error"
+    exit_code: int = 0
+    error: str | None = None
+    pause_us: float | None = None
+    user: dict = field(default_factory=invoking_user)
+    time: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    tool_pid: int = field(default_factory=os.getpid)
+
+    # -- filled in by the CLI as it learns things ---------------------------------
+    def target(self, proc) -> None:
+        self.pid, self.exe = proc.pid, proc.exe
+        self.target_start_time = getattr(proc, "start_time", None)
+
+    def patch_file(self, patch) -> None:
+        self.patch, self.sha256 = patch.name, patch.sha256
+        self.functions = [r.target for r in patch.replacements]
+
+    def edition_done(self, e) -> None:
+        self.edition = e.id
+        if not self.patch:
+            self.patch, self.sha256 = e.patch, e.sha256
+        self.functions = [f.symbol for f in e.functions] or self.functions
+        self.pause_us = round(e.pause_us, 1) if e.pause_us else None
+
+    def finish(self, exit_code: int, error: str | None = None) -> None:
+        self.exit_code = exit_code
+        self.result = "ok" if exit_code == 0 else "error"
+        self.error = error
+
+    def to_json(self) -> str:
+        d = {k: v for k, v in asdict(self).items() if v is not None}
+        return json.dumps(d, sort_keys=False, ensure_ascii=True)
+
+
+class AuditLog:
+    """Where records go: syslog always (best effort), a JSON-lines file if
+    asked. Open it before touching the target."""
+
+    def __init__(self, path: str | None = None, use_syslog: bool = True) -> None:
+        self.path = path
+        self.use_syslog = use_syslog and syslog is not None
+        self._fd: int | None = None
+        if path:
+            try:
+                self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+                                   | os.O_NOCTTY, 0o600)
+            except OSError as e:
+                raise BadInput(f"cannot open log file {path}: {e.strerror or e}") from None
+
+    def write(self, record: AuditRecord) -> None:
+        line = record.to_json()
+        if self.use_syslog:
+            self._syslog(record, line)
+        if self._fd is not None:
+            data = (line + "\n").encode()
+            try:
+                n = os.write(self._fd, data)
+                if n != len(data):
+                    raise OSError(0, f"short write ({n} of {len(data)} bytes)")
+            except OSError as e:
+                # The change is done (or refused) already: say so, do not fail it.
+                print(f"hotpatch: warning: could not write audit log {self.path}: {e.strerror or e}",
+                      file=sys.stderr)
+
+    @staticmethod
+    def _syslog(record: AuditRecord, line: str) -> None:
+        try:
+            syslog.openlog(SYSLOG_IDENT, syslog.LOG_PID, syslog.LOG_AUTHPRIV)
+            prio = syslog.LOG_NOTICE if record.result == "ok" else syslog.LOG_WARNING
+            syslog.syslog(prio, line)
+            syslog.closelog()
+        except Exception:  # no /dev/log, odd build: the file log is the record then
+            pass
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> "AuditLog":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
