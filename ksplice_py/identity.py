@@ -23,6 +23,7 @@ non-x86-64 programs) by the ELF header of ``/proc/PID/exe``.
 """
 from __future__ import annotations
 
+import errno
 import os
 import select
 
@@ -54,6 +55,17 @@ def _state(pid: int) -> str:
         return f.read().rsplit(b")", 1)[1].split()[0].decode()
 
 
+def _tgid(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("Tgid:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
 def _exe_identity(pid: int) -> tuple[int, int] | None:
     try:
         st = os.stat(f"/proc/{pid}/exe")  # follows the magic link, any mount namespace
@@ -72,9 +84,13 @@ class TargetHandle:
         except ProcessLookupError:
             raise NoSuchProcess(f"no process with pid {pid}") from None
         except OSError as e:
-            if e.errno == 22:  # EINVAL: a thread id, not a process (thread-group leader)
-                raise NoSuchProcess(f"{pid} is a thread id, not a process id; give the process's pid "
-                                    f"(Tgid in /proc/{pid}/status)") from None
+            if e.errno != errno.ENOSYS:
+                # EINVAL (< 6.9) / ENOENT (>= 6.9): not a thread-group leader, or gone
+                tgid = _tgid(pid)
+                if tgid and tgid != pid:
+                    raise NoSuchProcess(f"{pid} is a thread of process {tgid}, not a process; "
+                                        f"give the process id ({tgid})") from None
+                raise NoSuchProcess(f"no process with pid {pid}") from None
             # Kernels older than 5.3 have no pidfd: the start time alone guards us.
             self.fd = None
         try:

@@ -265,7 +265,12 @@ class Transition:
             for t in world.threads() if t.state == world.lib.KP_STOPPED])
         vetoes = []
         for h in self.checks:
-            vetoes += [(tid, f"{reason} (harness {h.name})") for tid, reason in h.check(view)]
+            try:
+                found = list(h.check(view))
+            except Exception as e:  # a plugin's bug: refuse to switch, say whose
+                raise HotpatchError(
+                    f"harness {h.name} check failed: {type(e).__name__}: {e}; nothing was switched") from None
+            vetoes += [(tid, f"{reason} (harness {h.name})") for tid, reason in found]
         return vetoes
 
     def _write_all(self, world: World) -> None:

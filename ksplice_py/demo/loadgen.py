@@ -38,6 +38,7 @@ import dns.rdatatype
 from . import upstream
 
 PENDING, OK, WRONG = 0, 1, 2
+SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)  # Linux; not exported by Python
 FORWARD_SHARE = 3  # of every 10 queries go upstream through res_nquery
 
 
@@ -136,6 +137,7 @@ class LoadGen:
         self.lock = threading.Lock()
         self.pending: dict[tuple[int, int], int] = {}  # (socket, id) -> query index
         self.t_send: list[float] = []
+        self.lag: list[float] = []  # t_send - due: this process's own scheduling delay
         self.latency: list[float] = []
         self.status: list[int] = []
         self.queries: list[Query] = []
@@ -147,7 +149,10 @@ class LoadGen:
     def _socket() -> socket.socket:
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         s.bind(("127.0.0.1", 0))
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        try:  # answers released in a burst after a long stall must not be dropped here
+            s.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 4 << 20)
+        except OSError:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
         s.settimeout(0.05)
         return s
 
@@ -164,7 +169,7 @@ class LoadGen:
             t.start()
 
     def _send(self) -> None:
-        t0 = time.monotonic()
+        self.t0 = t0 = time.monotonic()
         for i in itertools.count():
             due = t0 + i / self.qps
             delay = due - time.monotonic()
@@ -181,7 +186,9 @@ class LoadGen:
                 self.queries.append(q)
                 self.latency.append(math.nan)
                 self.status.append(PENDING)
-                self.t_send.append(time.monotonic())
+                now = time.monotonic()
+                self.t_send.append(now)
+                self.lag.append(now - due)
             self.socks[k].sendto(wire, self.addr)
 
     def _receive(self, k: int) -> None:
@@ -242,6 +249,7 @@ class LoadGen:
             "summary": {"sent": len(self.t_send), "answered": self.answered, "lost": lost,
                         "wrong": self.wrong, "unexpected": self.unexpected},
             "t_send": self.t_send,
+            "lag": self.lag,
             "latency": [None if math.isnan(x) else x for x in self.latency],
             "status": ["lost" if s == PENDING else "ok" if s == OK else "wrong" for s in self.status],
             "forwarded": [q.forwarded for q in self.queries],

@@ -16,8 +16,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
-import math
-import os
 import resource
 import signal
 import socket
@@ -31,6 +29,7 @@ from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import dns.exception
 import dns.message
 import dns.query
 import dns.rcode
@@ -42,7 +41,8 @@ from . import upstream
 from .loadgen import latency_summary
 
 RESPONSE_LIMIT = 1024  # keep in sync with csrc/demo/patches/limit_response.c
-WINDOW = 1.0  # seconds of load compared before/after each cutover
+WINDOW = 1.0  # seconds of load compared before/after each cutover (at most a phase)
+PROBE_TIMEOUT = 5.0  # a probe waits behind the queued load on a starved machine
 
 
 class Interrupted(BaseException):
@@ -89,19 +89,30 @@ class Child:
         return self.proc.returncode
 
 
-def _spawn(name: str, cmd: list[str], stderr, ready_timeout: float = 20.0) -> Child:
-    """Start ``cmd`` and wait for its "READY ..." line (port=N when given)."""
-    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr,
-                            text=True, start_new_session=True, preexec_fn=_child_setup)
+def _spawn(name: str, cmd: list[str], log: Path | None, started: list[Child] | None = None,
+           ready_timeout: float = 20.0) -> Child:
+    """Start ``cmd`` (stderr to ``log``) and wait for its "READY ..." line
+    (port=N when given). ``started`` gets the child at once, so a record of
+    what ran is complete even when we are interrupted while it starts."""
+    with open(log or "/dev/null", "w") as err:
+        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
+                                text=True, start_new_session=True, preexec_fn=_child_setup)
     child = Child(name, proc)
-    line = _readline(proc, ready_timeout)
-    if not line.startswith("READY"):
+    if started is not None:
+        started.append(child)
+    try:  # the caller owns the child only once we return it
+        line = _readline(proc, ready_timeout)
+        if not line.startswith("READY"):
+            child.stop()
+            said = (log.read_text().strip().splitlines() or [""])[-1] if log else ""
+            raise errors.HotpatchError(f"{name} did not start: {said or line.strip() or 'no output'}")
+        for word in line.split()[1:]:
+            key, _, value = word.partition("=")
+            if key == "port":
+                child.port = int(value)
+    except BaseException:
         child.stop()
-        raise errors.HotpatchError(f"{name} did not start (said {line.strip()!r}); see its stderr")
-    for word in line.split()[1:]:
-        key, _, value = word.partition("=")
-        if key == "port":
-            child.port = int(value)
+        raise
     return child
 
 
@@ -113,21 +124,21 @@ def _readline(proc: subprocess.Popen, timeout: float) -> str:
     return box[0] if box else ""
 
 
-def start_upstream(delay: float, stderr=subprocess.DEVNULL) -> Child:
+def start_upstream(delay: float, log: Path | None = None, started: list[Child] | None = None) -> Child:
     return _spawn("upstream", [sys.executable, "-m", "ksplice_py.demo.upstream", "--port", "0",
-                               "--delay", str(delay)], stderr)
+                               "--delay", str(delay)], log, started)
 
 
 def start_server(art: demo_build.Artifacts, upstream_port: int, workers: int = 4, port: int = 0,
-                 stderr=subprocess.DEVNULL, name: str = "server") -> Child:
+                 log: Path | None = None, name: str = "server", started: list[Child] | None = None) -> Child:
     return _spawn(name, [str(art.server), "-z", str(art.zone), "-p", str(port), "-w", str(workers),
-                         "-u", str(upstream_port)], stderr)
+                         "-u", str(upstream_port)], log, started)
 
 
-def start_loadgen(port: int, qps: float, zone: Path, out: Path) -> Child:
+def start_loadgen(port: int, qps: float, zone: Path, out: Path, log: Path | None = None,
+                  started: list[Child] | None = None) -> Child:
     return _spawn("loadgen", [sys.executable, "-m", "ksplice_py.demo.loadgen", "--port", str(port),
-                              "--qps", str(qps), "--zone", str(zone), "--out", str(out)],
-                  subprocess.DEVNULL)
+                              "--qps", str(qps), "--zone", str(zone), "--out", str(out)], log, started)
 
 
 def start_time(pid: int) -> int:
@@ -163,17 +174,20 @@ def rcode_of(wire: bytes | None) -> str | None:
 
 
 def ask(port: int, name: str, qtype: str, timeout: float = 2.0) -> tuple[str, int]:
-    """(rcode, answer size in bytes) for one query."""
+    """(rcode, answer size in bytes) for one query; ("TIMEOUT", 0) without answer."""
     q = dns.message.make_query(name, qtype)
-    r = dns.query.udp(q, "127.0.0.1", port=port, timeout=timeout)
+    try:
+        r = dns.query.udp(q, "127.0.0.1", port=port, timeout=timeout)
+    except dns.exception.Timeout:
+        return "TIMEOUT", 0
     return dns.rcode.to_text(r.rcode()), len(r.to_wire())
 
 
-def crash_unpatched(art: demo_build.Artifacts, upstream_port: int, workdir: Path) -> dict:
+def crash_unpatched(art: demo_build.Artifacts, upstream_port: int, workdir: Path,
+                    started: list[Child] | None = None) -> dict:
     """Start a separate, unpatched server and send it the crafted packet."""
     log = workdir / "unpatched.stderr"
-    with open(log, "w") as err:
-        victim = start_server(art, upstream_port, workers=1, stderr=err, name="unpatched server")
+    victim = start_server(art, upstream_port, workers=1, log=log, name="unpatched server", started=started)
     try:
         sane = ask(victim.port, "www.demo.test.", "A")[0]
         answer = send_raw(victim.port, crafted_packet(), timeout=1.0)
@@ -200,7 +214,7 @@ class Cutover:
     t_start: float
     t_end: float
     pause_us: float
-    attempts: int
+    attempts: int | None
     windows: dict = field(default_factory=dict)  # before/during/after -> stats
 
 
@@ -251,8 +265,10 @@ class Demo:
                  upstream_delay: float = 0.005, ui: "Display | None" = None) -> None:
         self.port, self.workers, self.qps, self.phase = port, workers, qps, phase
         self.upstream_delay = upstream_delay
+        self.window = min(WINDOW, phase)
         self.ui = ui or Display(enabled=False)
         self.cutovers: list[Cutover] = []
+        self.started: list[Child] = []  # every child process, for the interrupt message
         self.phases: list[Phase] = []
         self.report: dict = {}
 
@@ -283,69 +299,39 @@ class Demo:
         with attach(self.server.pid) as p:
             e = p.apply(str(patch), timeout=10.0) if action == "apply" else p.revert(edition, timeout=10.0)
         t1 = time.monotonic()
-        c = Cutover(label, action, Path(e.patch).name, e.id, t0, t1, float(e.pause_us or 0.0), e.attempts)
+        # a reverted Edition still carries the attempts of its apply: not reported
+        c = Cutover(label, action, Path(e.patch).name, e.id, t0, t1, float(e.pause_us or 0.0),
+                    e.attempts if action == "apply" else None)
         self.cutovers.append(c)
         self._event(f"{label}: edition {e.id} {'applied' if action == 'apply' else 'reverted'}, "
                     f"pause {c.pause_us:.0f} µs, call {(t1 - t0) * 1000:.0f} ms")
         return c
 
     def _oversized(self, stage: str, expect: str) -> dict:
-        rcode, size = ask(self.server.port, upstream.BIG_NAME, "TXT")
+        rcode, size = ask(self.server.port, upstream.BIG_NAME, "TXT", timeout=PROBE_TIMEOUT)
         ok = rcode == expect and (rcode != "NOERROR" or size > RESPONSE_LIMIT)
         self._event(f"oversized upstream answer ({stage}): {rcode}, {size} bytes", ok)
         return {"stage": stage, "rcode": rcode, "bytes": size, "expected": expect, "ok": ok}
 
     def run(self, stack: ExitStack) -> dict:
+        """The whole story; everything started is registered on ``stack``."""
         self.load: LoadWatch | None = None
         work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ksplice_demo_")))
-        self.ui.step("building the server and patches")
-        art = demo_build.build()
-        self._event(f"built {art.server.name}, {', '.join(p.name for p in art.patches.values())}")
-
-        up = start_upstream(self.upstream_delay)
-        stack.callback(up.stop)
-        err = stack.enter_context(open(work / "server.stderr", "w"))
-        self.server = start_server(art, up.port, self.workers, self.port, stderr=err)
-        stack.callback(self.server.stop)
+        art = self._start(stack, work)
         pid, born = self.server.pid, start_time(self.server.pid)
-        self.ui.server(pid, self.server.port)
-        self._event(f"server pid {pid} on 127.0.0.1:{self.server.port}, {self.workers} workers; "
-                    f"upstream on :{up.port} (delay {self.upstream_delay * 1000:g} ms)")
-
         # The crash first, on its own instance: the live server's baseline
         # then measures serving, not the start of a second process.
         self.ui.step("crafted packet → a separate, unpatched instance")
-        crash = crash_unpatched(art, up.port, work)
+        crash = crash_unpatched(art, self.upstream.port, work, self.started)
         self._event(f"unpatched instance pid {crash['pid']}: killed by {crash['signal']} "
                     f"({crash['stderr'] or 'no message'})", crash["crashed"])
 
         results = work / "load.json"
-        self.load = LoadWatch(start_loadgen(self.server.port, self.qps, art.zone, results))
+        self.load = LoadWatch(start_loadgen(self.server.port, self.qps, art.zone, results,
+                                            work / "loadgen.stderr", self.started))
         stack.callback(self.load.child.stop)
         self._event(f"load: {self.qps:g} queries/s from 4 sockets, 30% forwarded through res_nquery")
-
-        oversized = [self._oversized("before any patch: passed through", "NOERROR")]
-        self._phase("baseline")
-
-        fix = self._cutover("apply fix_parse", "apply", art.patches["fix_parse"])
-        reply = send_raw(self.server.port, crafted_packet())
-        crafted = {"rcode": rcode_of(reply), "server_alive": self.server.proc.poll() is None}
-        self._event(f"crafted packet → live server: {crafted['rcode'] or 'no answer'}, "
-                    f"pid {pid} {'alive' if crafted['server_alive'] else 'DEAD'}",
-                    crafted["rcode"] == "FORMERR" and crafted["server_alive"])
-        self._phase("parser fixed")
-
-        lim = self._cutover("apply limit_response", "apply", art.patches["limit_response"])
-        oversized.append(self._oversized("res_nquery wrapped", "SERVFAIL"))
-        self._phase("resolver limited")
-
-        self._cutover("revert limit_response", "revert", edition=lim.edition)
-        oversized.append(self._oversized("wrap reverted", "NOERROR"))
-        self._phase("wrap reverted")
-
-        self._cutover("re-apply limit_response", "apply", art.patches["limit_response"])
-        oversized.append(self._oversized("wrap re-applied", "SERVFAIL"))
-        self._phase("wrap re-applied")
+        crafted, oversized = self._patch_story(art)
 
         self.ui.step("stopping the load and draining")
         self.load.finish()
@@ -363,6 +349,7 @@ class Demo:
             "oversized_answers_as_expected": all(o["ok"] for o in oversized),
         }
         self.report = {
+            "window_s": self.window,
             "server": {"pid": pid, "port": self.server.port, "workers": self.workers,
                        "pid_unchanged": same_pid},
             "load": {"qps": self.qps, **load["summary"]},
@@ -373,26 +360,68 @@ class Demo:
             "phases": [{"name": p.name, "seconds": round(p.t_end - p.t_start, 2), **p.stats}
                        for p in self.phases],
             "editions": editions,
-            "fix_edition": fix.edition,
             "checks": checks,
             "ok": all(checks.values()),
         }
         return self.report
 
+    def _start(self, stack: ExitStack, work: Path) -> demo_build.Artifacts:
+        self.ui.step("building the server and patches")
+        art = demo_build.build()
+        self._event(f"built {art.server.name}, {', '.join(p.name for p in art.patches.values())}")
+        self.upstream = start_upstream(self.upstream_delay, work / "upstream.stderr", self.started)
+        stack.callback(self.upstream.stop)
+        self.server = start_server(art, self.upstream.port, self.workers, self.port, work / "server.stderr",
+                                   started=self.started)
+        stack.callback(self.server.stop)
+        self.ui.server(self.server.pid, self.server.port)
+        self._event(f"server pid {self.server.pid} on 127.0.0.1:{self.server.port}, {self.workers} workers; "
+                    f"upstream on :{self.upstream.port} (delay {self.upstream_delay * 1000:g} ms)")
+        return art
+
+    def _patch_story(self, art: demo_build.Artifacts) -> tuple[dict, list[dict]]:
+        """Under load: fix the parser, wrap res_nquery, revert, re-apply."""
+        oversized = [self._oversized("before any patch: passed through", "NOERROR")]
+        self._phase("baseline")
+
+        self._cutover("apply fix_parse", "apply", art.patches["fix_parse"])
+        reply = send_raw(self.server.port, crafted_packet(), timeout=PROBE_TIMEOUT)
+        crafted = {"rcode": rcode_of(reply), "server_alive": self.server.proc.poll() is None}
+        self._event(f"crafted packet → live server: {crafted['rcode'] or 'no answer'}, "
+                    f"pid {self.server.pid} {'alive' if crafted['server_alive'] else 'DEAD'}",
+                    crafted["rcode"] == "FORMERR" and crafted["server_alive"])
+        self._phase("parser fixed")
+
+        lim = self._cutover("apply limit_response", "apply", art.patches["limit_response"])
+        oversized.append(self._oversized("res_nquery wrapped", "SERVFAIL"))
+        self._phase("resolver limited")
+
+        self._cutover("revert limit_response", "revert", edition=lim.edition)
+        oversized.append(self._oversized("wrap reverted", "NOERROR"))
+        self._phase("wrap reverted")
+
+        self._cutover("re-apply limit_response", "apply", art.patches["limit_response"])
+        oversized.append(self._oversized("wrap re-applied", "SERVFAIL"))
+        self._phase("wrap re-applied")
+        return crafted, oversized
+
     def _analyse(self, load: dict) -> None:
-        t, lat, status = load["t_send"], load["latency"], load["status"]
+        t, lat, status, lag = load["t_send"], load["latency"], load["status"], load["lag"]
 
         def window(a: float, b: float) -> dict:
             idx = [i for i, ts in enumerate(t) if a <= ts < b]
             s = latency_summary([lat[i] for i in idx if lat[i] is not None])
             s["lost"] = sum(1 for i in idx if status[i] == "lost")
             s["wrong"] = sum(1 for i in idx if status[i] == "wrong")
+            # how late the load generator itself sent: when high, the
+            # client was starved of CPU and latency there is partly its own
+            s["client_lag_max_ms"] = round(max((lag[i] for i in idx), default=0.0) * 1000, 3)
             return s
 
         for c in self.cutovers:
-            c.windows = {"before": window(c.t_start - WINDOW, c.t_start),
+            c.windows = {"before": window(c.t_start - self.window, c.t_start),
                          "during": window(c.t_start, c.t_end),
-                         "after": window(c.t_end, c.t_end + WINDOW)}
+                         "after": window(c.t_end, c.t_end + self.window)}
         for p in self.phases:
             p.stats = window(p.t_start, p.t_end)
 
@@ -470,7 +499,9 @@ class Display:
 
 
 def _ms(v) -> str:
-    return "-" if v is None else f"{v:.2f}"
+    if v is None:
+        return "-"
+    return f"{v:.2f}" if v < 10 else f"{v:.1f}" if v < 100 else f"{v:.0f}"
 
 
 def print_report(r: dict) -> None:
@@ -482,25 +513,28 @@ def print_report(r: dict) -> None:
     ld = r["load"]
     con.print(f"\n[bold]Load[/]: {ld['sent']} queries sent at {ld['qps']:g}/s, {ld['answered']} answered, "
               f"[{'green' if ld['lost'] == 0 else 'red'}]{ld['lost']} lost[/], {ld['wrong']} wrong")
-    t = Table(title="Cutovers: queries sent 1 s before, during the library call, 1 s after",
-              box=box.SIMPLE_HEAD)
-    for col in ("cutover", "window", "n", "p50 ms", "p99 ms", "max ms", "lost"):
-        t.add_column(col, justify="left" if col in ("cutover", "window") else "right",
-                     no_wrap=col == "cutover")
+    t = Table(title=f"Cutovers: queries sent {r['window_s']:g} s before, during the library call, "
+                    f"{r['window_s']:g} s after", box=box.SIMPLE_HEAD, padding=(0, 1))
+    for col in ("cutover", "window", "n", "p50 ms", "p99 ms", "max ms", "lost", "lag ms"):
+        t.add_column(col, justify="left" if col in ("cutover", "window") else "right", no_wrap=True)
     for c in r["cutovers"]:
-        left = [f"{c['label']} (#{c['edition']})", f"  pause {c['pause_us']:.0f} µs",
-                f"  call {c['call_ms']:.0f} ms"]
+        verb = c["label"].split()[0]
+        left = [f"{verb} (ed {c['edition']})", Path(c["patch"]).stem,
+                f"pause {c['pause_us']:.0f} µs\ncall {c['call_ms']:.0f} ms"]
         for k, w in c["windows"].items():
             t.add_row(left.pop(0), k, str(w["n"] + w["lost"]), _ms(w["p50_ms"]), _ms(w["p99_ms"]),
-                      _ms(w["max_ms"]), str(w["lost"]), end_section=k == "after")
+                      _ms(w["max_ms"]), str(w["lost"]), _ms(w["client_lag_max_ms"]),
+                      end_section=k == "after")
     con.print(t)
-    t = Table(title="Phases (steady load between cutovers)", box=box.SIMPLE_HEAD)
-    for col in ("phase", "n", "p50 ms", "p99 ms", "max ms", "lost"):
+    t = Table(title="Phases (steady load between cutovers)", box=box.SIMPLE_HEAD, padding=(0, 1))
+    for col in ("phase", "n", "p50 ms", "p99 ms", "max ms", "lost", "lag ms"):
         t.add_column(col, justify="left" if col == "phase" else "right")
     for p in r["phases"]:
         t.add_row(p["name"], str(p["n"] + p["lost"]), _ms(p["p50_ms"]), _ms(p["p99_ms"]), _ms(p["max_ms"]),
-                  str(p["lost"]))
+                  str(p["lost"]), _ms(p["client_lag_max_ms"]))
     con.print(t)
+    con.print("[dim]lag: the longest the load generator itself sent late (its own CPU starvation: "
+              "latency in such a window is partly the client's)[/]")
     cr = r["crash_demo"]
     con.print(f"Unpatched instance (pid {cr['pid']}) + crafted packet: {cr['signal'] or cr['exit_status']} "
               f"— {cr['stderr']}")
@@ -520,8 +554,28 @@ def _on_signal(signum, frame):
     raise Interrupted(signal.Signals(signum).name)
 
 
+class _Usage(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2, no usage dump
+        raise _Usage(message)
+
+
+def _stopped(demo: "Demo | None") -> str:
+    """What the cleanup stopped (it ran before this is called)."""
+    kids = demo.started if demo else []
+    if not kids:
+        return "nothing had been started"
+    running = [c for c in kids if c.proc.poll() is None]
+    if running:
+        return "STILL RUNNING: " + ", ".join(f"{c.name} pid {c.pid}" for c in running)
+    return "stopped " + ", ".join(f"{c.name} pid {c.pid}" for c in kids)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="hotpatch demo",
+    p = _Parser(prog="hotpatch demo",
                                 description="Live-patch a threaded DNS server under load (127.0.0.1 only).")
     p.add_argument("--port", type=int, default=0, help="UDP port of the demo server (default: a free one)")
     p.add_argument("--workers", type=int, default=4, help="server worker threads (default 4)")
@@ -535,13 +589,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    a = build_parser().parse_args(argv)
-    if not (0 <= a.port <= 65535 and 1 <= a.workers <= 64 and 0 < a.qps <= 20000
-            and 0 < a.duration_per_phase <= 600 and 0 <= a.upstream_delay <= 0.5):
-        print("hotpatch demo: --port 0-65535, --workers 1-64, --qps 1-20000, "
-              "--duration-per-phase 0-600, --upstream-delay 0-0.5", file=sys.stderr)
+    try:
+        a = build_parser().parse_args(argv)
+        if not (0 <= a.port <= 65535 and 1 <= a.workers <= 64 and 0 < a.qps <= 20000
+                and 0 < a.duration_per_phase <= 600 and 0 <= a.upstream_delay <= 0.5):
+            raise _Usage("want --port 0-65535, --workers 1-64, --qps up to 20000, "
+                         "--duration-per-phase up to 600, --upstream-delay 0-0.5")
+    except _Usage as e:
+        print(f"hotpatch demo: {e} (see --help)", file=sys.stderr)
         return 2
+    except SystemExit as e:  # --help
+        return int(e.code or 0)
     old = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    demo: Demo | None = None
     try:
         with ExitStack() as stack:
             ui = stack.enter_context(Display(enabled=not a.json))
@@ -551,7 +611,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hotpatch demo: {' '.join(str(e).split())}", file=sys.stderr)
         return e.exit_code
     except Interrupted as e:
-        print(f"hotpatch demo: interrupted by {e}; everything it started was stopped", file=sys.stderr)
+        print(f"hotpatch demo: interrupted by {e}; {_stopped(demo)}", file=sys.stderr)
         return 130
     finally:
         for s, h in old.items():
