@@ -21,9 +21,10 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from .errors import BadInput, HotpatchError
+from . import resources
 from .quiescence import CodeRange
 
-BUILTIN_DIR = Path(__file__).resolve().parent.parent / "harnesses"
+BUILTIN_DIR = resources.harnesses_dir()
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,9 @@ import tempfile
 from functools import lru_cache
 from pathlib import Path
 
-CSRC = Path(__file__).resolve().parent.parent / "csrc"
-NATIVE_SRC = CSRC / "native"
+from . import resources
+
+NATIVE_SRC = resources.csrc() / "native"
 
 
 def cache_dir() -> Path:

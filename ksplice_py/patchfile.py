@@ -20,6 +20,8 @@ from elftools.elf.elffile import ELFFile
 from elftools.elf.enums import ENUM_RELOC_TYPE_x64
 from elftools.elf.sections import SymbolTableSection
 
+from . import resources
+
 from .errors import BadPatchFile, HotpatchError, UnsupportedPatch
 
 PAGE = 4096
@@ -64,7 +66,7 @@ HOTPATCH_CFLAGS: tuple[str, ...] = (
 
 def include_dir() -> Path:
     """csrc/include of the source tree this package lives in (hotpatch.h)."""
-    return Path(__file__).resolve().parent.parent / "csrc" / "include"
+    return resources.csrc() / "include"
 
 
 def cflags() -> str:
