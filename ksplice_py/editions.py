@@ -14,7 +14,9 @@ Record layout (little-endian), at the region's start:
     40   8  applied_at (f64, unix time)     killed mid-update never tears them
     48   8  attempts (u64)
     56   8  json length (u64)
-    64   .. JSON: everything fixed at prepare/apply time
+    64   8  longest_pause_us (f64): the longest stop of any attempt
+    72   8  stopped_us (f64): all attempts' stops added up
+    80   .. JSON: everything fixed at prepare/apply time
 
 The JSON is written once, before any trampoline can point at the region;
 states then move prepared -> switching -> applied (-> reverting), each a
@@ -31,8 +33,8 @@ from dataclasses import asdict, dataclass, field
 from .maps import Mapping
 from .memory import RemoteMemory
 
-MAGIC = b"KSPLICEPY-REC\x00\x01\x00"
-HEADER = struct.Struct("<16s16sddQQ")
+MAGIC = b"KSPLICEPY-REC\x00\x02\x00"  # \x02: layout version
+HEADER = struct.Struct("<16s16sddQQdd")
 PREFIX = "ksplice_py:ed"
 _NAME_RE = re.compile(r"^/memfd:ksplice_py:ed(\d+)(:stubs)?(?::(.*?))?(?: \(deleted\))?$")
 
@@ -66,8 +68,11 @@ class Edition:
     staged: bool = False  # from `hotpatch prepare`: keep it prepared until cutover/abort
     harnesses: list[str] = field(default_factory=list)  # applied at cutover and at revert
     applied_at: float | None = None
-    pause_us: float | None = None
+    pause_us: float | None = None  # the stop that switched
     attempts: int = 0
+    # Blocked attempts stop the world too: what the target really felt.
+    longest_pause_us: float | None = None
+    stopped_us: float | None = None
 
     @property
     def record_addr(self) -> int:
@@ -85,14 +90,14 @@ class Edition:
     # -- record encoding --------------------------------------------------
     def body(self) -> bytes:
         d = asdict(self)
-        for k in ("state", "applied_at", "pause_us", "attempts"):
+        for k in ("state", "applied_at", "pause_us", "attempts", "longest_pause_us", "stopped_us"):
             d.pop(k)
         return json.dumps(d, separators=(",", ":")).encode()
 
     def header(self) -> bytes:
         return HEADER.pack(
             MAGIC, self.state.encode(), self.pause_us or 0.0, self.applied_at or 0.0,
-            self.attempts, len(self.body()),
+            self.attempts, len(self.body()), self.longest_pause_us or 0.0, self.stopped_us or 0.0,
         )
 
     def state_bytes(self, state: str) -> tuple[int, bytes]:
@@ -126,7 +131,8 @@ def regions_in(maps: list[Mapping]) -> dict[int, list[Mapping]]:
 def read_edition(mem: RemoteMemory, start: int) -> Edition | None:
     """Decode the record at a region start; None if it is not (yet) valid."""
     try:
-        magic, state, pause, applied, attempts, n = HEADER.unpack(mem.read(start, HEADER.size))
+        magic, state, pause, applied, attempts, n, longest, stopped = HEADER.unpack(
+            mem.read(start, HEADER.size))
         if magic != MAGIC or n == 0 or n > 64 << 20:
             return None
         d = json.loads(mem.read(start + HEADER.size, n))
@@ -139,6 +145,8 @@ def read_edition(mem: RemoteMemory, start: int) -> Edition | None:
     ed.pause_us = pause or None
     ed.applied_at = applied or None
     ed.attempts = attempts
+    ed.longest_pause_us = longest or None
+    ed.stopped_us = stopped or None
     return ed
 
 

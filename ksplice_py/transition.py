@@ -86,6 +86,7 @@ class Transition:
         self.functions = edition.functions if functions is None else functions
         self.attempts = 0
         self.longest_pause_us = 0.0
+        self.stopped_us = 0.0
         others = [e for e in proc.editions() if e.id != edition.id]
         self._check_code(others)
         self.harnesses = harness.by_names(edition.harnesses)
@@ -233,6 +234,7 @@ class Transition:
                 world.release()
                 pause = world.lib.kp_now_us() - t0
         self.longest_pause_us = max(self.longest_pause_us, pause)
+        self.stopped_us += pause
         if late or verdicts or vetoes:
             blockers = self._blockers(verdicts, late) + [
                 Blocker(tid, quiescence.thread_name(self.pid, tid), reason) for tid, reason in vetoes]
@@ -305,12 +307,13 @@ class Transition:
     # -- complete ------------------------------------------------------------------
     def complete(self, result: AttemptResult) -> None:
         e = self.edition
+        e.pause_us, e.attempts = result.pause_us, self.attempts
+        e.longest_pause_us, e.stopped_us = self.longest_pause_us, self.stopped_us
         if self.direction == APPLY:
-            e.state, e.pause_us, e.applied_at = "applied", result.pause_us, time.time()
-            e.attempts = self.attempts
+            e.state, e.applied_at = "applied", time.time()
             self.mem.write(e.record_addr, e.header())
         else:
-            e.state, e.pause_us = "reverted", result.pause_us
+            e.state = "reverted"
             unmap_regions(self.proc, e.regions)
 
 

@@ -305,8 +305,11 @@ int main(int argc, char **argv) {
     server_fd = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
     if (server_fd < 0)
         die("socket");
-    int big = 1 << 20;
-    setsockopt(server_fd, SOL_SOCKET, SO_RCVBUF, &big, sizeof big);
+    /* Room for seconds of queries: a stop-the-world that runs long must
+     * delay answers, not drop them (FORCE passes rmem_max when privileged). */
+    int big = 8 << 20;
+    if (setsockopt(server_fd, SOL_SOCKET, SO_RCVBUFFORCE, &big, sizeof big) < 0)
+        setsockopt(server_fd, SOL_SOCKET, SO_RCVBUF, &big, sizeof big);
     struct sockaddr_in addr = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port),
                                .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
     if (bind(server_fd, (struct sockaddr *)&addr, sizeof addr) < 0)

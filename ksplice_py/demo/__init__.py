@@ -16,6 +16,15 @@ def main(argv: list[str] | None = None) -> int:
     --duration-per-phase, --upstream-delay, --json). Returns the exit status:
     0 every check passed, 1 a check failed or an error, 2 bad usage, 130
     interrupted; a HotpatchError's own exit code when patching failed."""
+    try:
+        import dns.message  # noqa: F401
+        import rich  # noqa: F401
+    except ImportError as e:
+        import sys
+
+        print(f"hotpatch demo: needs the {e.name} package: pip install 'ksplice_py[demo]' "
+              "(dnspython and rich)", file=sys.stderr)
+        return 2
     from .run import main as run_main
 
     return run_main(argv)

@@ -18,8 +18,9 @@ from pathlib import Path
 from ..errors import HotpatchError
 from ..native import cache_dir
 from ..patchfile import cflags
+from .. import resources
 
-DEMO_SRC = Path(__file__).resolve().parent.parent.parent / "csrc" / "demo"
+DEMO_SRC = resources.csrc() / "demo"
 SERVER_SRC = DEMO_SRC / "dnsserver.c"
 ZONE = DEMO_SRC / "zone.txt"
 PATCH_SRC = DEMO_SRC / "patches"

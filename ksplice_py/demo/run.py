@@ -53,6 +53,7 @@ class Interrupted(BaseException):
 
 _libc = ctypes.CDLL(None, use_errno=True)
 PR_SET_PDEATHSIG = 1
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
 
 def _child_setup() -> None:
@@ -60,6 +61,7 @@ def _child_setup() -> None:
     # the crash we provoke on purpose must not write (or pipe) a core dump.
     _libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)  # blocked around Popen in _spawn
 
 
 @dataclass
@@ -94,12 +96,18 @@ def _spawn(name: str, cmd: list[str], log: Path | None, started: list[Child] | N
     """Start ``cmd`` (stderr to ``log``) and wait for its "READY ..." line
     (port=N when given). ``started`` gets the child at once, so a record of
     what ran is complete even when we are interrupted while it starts."""
-    with open(log or "/dev/null", "w") as err:
-        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
-                                text=True, start_new_session=True, preexec_fn=_child_setup)
-    child = Child(name, proc)
-    if started is not None:
-        started.append(child)
+    # An interrupt inside Popen would leave a child we hold no handle for:
+    # hold SIGINT/SIGTERM until it is recorded (the child unblocks them).
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        with open(log or "/dev/null", "w") as err:
+            proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
+                                    text=True, start_new_session=True, preexec_fn=_child_setup)
+        child = Child(name, proc)
+        if started is not None:
+            started.append(child)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     try:  # the caller owns the child only once we return it
         line = _readline(proc, ready_timeout)
         if not line.startswith("READY"):
