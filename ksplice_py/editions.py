@@ -30,15 +30,17 @@ import re
 import struct
 from dataclasses import asdict, dataclass, field
 
+from .errors import HotpatchError
 from .maps import Mapping
 from .memory import RemoteMemory
 
-MAGIC = b"KSPLICEPY-REC\x00\x02\x00"  # \x02: layout version
+MAGIC_PREFIX = b"KSPLICEPY-REC"
+MAGIC = MAGIC_PREFIX + b"\x00\x02\x00"  # \x02: layout version
 HEADER = struct.Struct("<16s16sddQQdd")
 PREFIX = "ksplice_py:ed"
 _NAME_RE = re.compile(r"^/memfd:ksplice_py:ed(\d+)(:stubs)?(?::(.*?))?(?: \(deleted\))?$")
 
-STATES = ("preparing", "prepared", "switching", "applied", "reverting")
+STATES = ("preparing", "prepared", "switching", "applied", "reverting", "unreadable")
 STABLE = ("prepared", "applied")
 
 
@@ -150,16 +152,35 @@ def read_edition(mem: RemoteMemory, start: int) -> Edition | None:
     return ed
 
 
+def has_record(mem: RemoteMemory, start: int) -> bool:
+    """Was a record ever written here (by any version of the tool)?"""
+    try:
+        return mem.read(start, len(MAGIC_PREFIX)) == MAGIC_PREFIX
+    except HotpatchError:
+        return False
+
+
 def list_editions(mem: RemoteMemory, maps: list[Mapping]) -> tuple[list[Edition], list[int]]:
-    """(editions newest first, ids of regions with no valid record)."""
+    """(editions newest first, ids of orphan regions).
+
+    An orphan has no record at all: the tool died between mapping it and
+    writing the record, before any code could point into it, so unmapping
+    it is safe. A region whose record exists but cannot be read (another
+    version of the tool wrote it, or it is damaged) may be live code behind
+    a trampoline: it is listed as ``unreadable`` and never unmapped for us."""
     editions, orphans = [], []
     for eid, ms in sorted(regions_in(maps).items(), reverse=True):
         primary = [m for m in ms if m.offset == 0 and ":stubs" not in m.path]
         ed = read_edition(mem, primary[0].start) if primary else None
-        if ed is None:
-            orphans.append(eid)
-        else:
+        if ed is not None:
             editions.append(ed)
+        elif primary and has_record(mem, primary[0].start):
+            hit = _NAME_RE.match(primary[0].path)
+            editions.append(Edition(id=eid, patch=(hit and hit.group(3)) or "?", sha256="",
+                                    state="unreadable",
+                                    regions=[(m.start, m.end - m.start) for m in ms]))
+        else:
+            orphans.append(eid)
     return editions, orphans
 
 
