@@ -36,7 +36,7 @@ from .errors import (BuildIdMismatch, HotpatchError, PatchMismatch, RemoteError,
 from .maps import read_maps
 from .patchfile import PatchFile, Replacement
 from .symbols import Symbol
-from .tracer import Injector, find_syscall_gadget
+from .tracer import Injector
 from .transition import APPLY, AttemptResult, Transition, unmap_regions
 
 PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
@@ -176,8 +176,7 @@ class PatchCycle:
         return placement.page_up(2 * STUB_SLOT * max(1, nfuncs))
 
     def _map_regions(self) -> None:
-        gadget = find_syscall_gadget(self.pid, self._maps, self.mem.read)
-        with Injector(self.pid, gadget) as inj:
+        with Injector(self.pid, self.mem) as inj:
             for region in self.regions:
                 region.start = self._map_one(inj, region)
                 self._mapped = True
@@ -188,9 +187,8 @@ class PatchCycle:
             r.stub_cursor = r.start
 
     def _map_one(self, inj: Injector, region: Region) -> int:
-        # The memfd's name (what /proc/PID/maps shows) goes below the borrowed
-        # thread's red zone: that stack area is unused while we hold it.
-        name_addr = (inj.rsp - 128 - 512) & ~15
+        # The memfd's name is what /proc/PID/maps shows for the region.
+        name_addr = inj.scratch
         self.mem.write(name_addr, region.name.encode() + b"\0")
         fd = inj.checked("memfd_create", name_addr, MFD_CLOEXEC)
         try:
@@ -254,8 +252,7 @@ class PatchCycle:
         calls.append((stubs_start, main.start + main.size - stubs_start, PROT_READ | PROT_EXEC))
         for r in self.regions[1:]:
             calls.append((r.start, r.size, PROT_READ | PROT_EXEC))
-        gadget = find_syscall_gadget(self.pid, self._maps, self.mem.read)
-        with Injector(self.pid, gadget) as inj:
+        with Injector(self.pid, self.mem) as inj:
             for addr, size, prot in calls:
                 if size:
                     inj.checked("mprotect", addr, size, prot)

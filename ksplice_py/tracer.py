@@ -116,7 +116,7 @@ class World:
                 break
             for tid in fresh:
                 seen.add(tid)
-                rc = self.lib.kp_seize(tid, 1)
+                rc = self.lib.kp_seize(tid, self.lib.KP_FOLLOW_CLONES)
                 if rc == -errno.ESRCH:
                     continue  # the thread exited meanwhile
                 if rc == -errno.EPERM and _tracer_of(self.pid, tid) == os.getpid():
@@ -219,6 +219,42 @@ def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
 # -- syscall injection ------------------------------------------------------
 
 SYS = {"mmap": 9, "mprotect": 10, "munmap": 11, "close": 3, "ftruncate": 77, "memfd_create": 319}
+PAGE = 4096
+INJECTOR_NAME = "ksplice_py:injector"
+_ERESTART = (-512, -513, -514)  # ERESTARTSYS, ERESTARTNOINTR, ERESTARTNOHAND
+_ERESTART_RESTARTBLOCK, _NR_RESTART_SYSCALL = -516, 219
+# Save area order (page 2 of the injector): what the stub pops, then rsp, rip.
+_SAVED = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp",
+          "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15", "eflags")
+
+
+def entry_stub() -> bytes:
+    """``syscall``, then put every register back from the save area on the
+    next page and jump to the saved rip: a thread whose tracer dies in the
+    middle of an injected syscall resumes exactly where it was, by itself."""
+    code = bytearray(b"\x0f\x05")                              # syscall
+    code += b"\x48\x8d\x25" + (PAGE - (len(code) + 7)).to_bytes(4, "little")  # lea rsp,[save area]
+    code += b"\x58\x5b\x59\x5a\x5e\x5f\x5d"                   # pop rax rbx rcx rdx rsi rdi rbp
+    code += b"".join(bytes([0x41, 0x58 + i]) for i in range(8))  # pop r8 .. r15
+    code += b"\x9d"                                             # popfq
+    rsp_slot, rip_slot = PAGE + 8 * len(_SAVED), PAGE + 8 * (len(_SAVED) + 1)
+    code += b"\x48\x8b\x25" + (rsp_slot - (len(code) + 7)).to_bytes(4, "little")  # mov rsp,[saved rsp]
+    code += b"\xff\x25" + (rip_slot - (len(code) + 6)).to_bytes(4, "little")       # jmp [saved rip]
+    return bytes(code)
+
+
+def continuation(regs) -> bytes:
+    """The save area: the registers the thread must resume with if it has to
+    restore itself, with the kernel's syscall-restart rule already applied
+    (an interrupted read/futex restarts; nanosleep via restart_syscall)."""
+    r = {k: getattr(regs, k) for k in (*_SAVED, "rsp", "rip", "orig_rax")}
+    rax = r["rax"] - (1 << 64) if r["rax"] >= 1 << 63 else r["rax"]
+    if r["orig_rax"] < 1 << 63 and rax in _ERESTART:
+        r["rax"], r["rip"] = r["orig_rax"], r["rip"] - 2
+    elif r["orig_rax"] < 1 << 63 and rax == _ERESTART_RESTARTBLOCK:
+        r["rax"], r["rip"] = _NR_RESTART_SYSCALL, r["rip"] - 2
+    r["eflags"] &= ~0x10100  # never resume with TF/RF set
+    return b"".join(r[k].to_bytes(8, "little") for k in (*_SAVED, "rsp", "rip"))
 
 
 class Injector:
@@ -226,22 +262,35 @@ class Injector:
 
     Only that thread pauses (a few µs per syscall); the others keep running.
     Raw syscalls are safe at any instruction: unlike calling dlopen or malloc
-    in the target they take no user-space lock."""
+    in the target they take no user-space lock. They run from the entry stub
+    of a small ``ksplice_py:injector`` mapping (created once per process and
+    kept), so the thread is whole again at any instant the tool might die."""
 
-    def __init__(self, pid: int, gadget: int, tid: int | None = None) -> None:
-        self.pid, self.gadget = pid, gadget
+    def __init__(self, pid: int, mem, tid: int | None = None) -> None:
+        self.pid, self.mem = pid, mem
         self.ffi, self.lib = native.load()
         self.tid = tid or pid
         self._t = self.ffi.new("struct kp_thread[]", 8)
         self._n = self.ffi.new("int *", 0)
+        self.entry = 0
 
     def __enter__(self) -> "Injector":
+        self._borrow()
+        try:
+            self.entry = self._find_injector() or self._create_injector()
+            self._arm(self.entry)
+        except BaseException:
+            self._release()
+            raise
+        return self
+
+    def _borrow(self) -> None:
         live = list_tids(self.pid)  # zombies (an exited leader) excluded
         tids = ([self.tid] if self.tid in live else []) + [t for t in live if t != self.tid]
         for tid in tids[:4]:  # a thread may be stuck (D state); try a few
             # No PTRACE_O_TRACECLONE: this thread must never stop inside a
             # clone() (see kp_inject_syscall), and its children are not ours.
-            rc = self.lib.kp_seize(tid, 0)
+            rc = self.lib.kp_seize(tid, self.lib.KP_SYSCALL_STOPS)
             if rc == -errno.ESRCH:
                 continue
             if rc != 0:
@@ -250,14 +299,51 @@ class Injector:
             if self.lib.kp_stop_all(self._t, self._n, 8, 500_000) == 0 and \
                     self._t[0].state == self.lib.KP_STOPPED:
                 self.tid = tid
-                return self
+                return
             self._release()
         raise TargetGone(f"no thread of process {self.pid} could be stopped to run a syscall")
+
+    def _arm(self, entry: int) -> None:
+        self.mem.write(entry + PAGE, continuation(self._t[0].regs))
+
+    def _find_injector(self) -> int:
+        from .maps import read_maps
+        for m in read_maps(self.pid):
+            if m.path.startswith(f"/memfd:{INJECTOR_NAME}") and m.executable and m.offset == 0:
+                return m.start
+        return 0
+
+    def _create_injector(self) -> int:
+        """First injection into this process. One bare syscall from a libc
+        ``syscall`` instruction maps a scratch page (the only moment, once
+        per process, where our death would leave the thread with our
+        registers); everything else already runs from a self-restoring stub."""
+        from .maps import read_maps
+        self.entry = find_syscall_gadget(self.pid, read_maps(self.pid), self.mem.read)
+        scratch = self.checked("mmap", 0, 2 * PAGE, 7, 0x22, -1, 0)  # RWX, private|anonymous
+        stub = entry_stub()
+        self.mem.write(scratch, stub)
+        self._arm(scratch)
+        self.entry = scratch
+        name_addr = scratch + PAGE + 512  # past the save area
+        self.mem.write(name_addr, INJECTOR_NAME.encode() + b"\0")
+        fd = self.checked("memfd_create", name_addr, 1)  # MFD_CLOEXEC
+        try:
+            self.checked("ftruncate", fd, 2 * PAGE)
+            page = self.checked("mmap", 0, 2 * PAGE, 5, 0x02, fd, 0)  # r-x, private
+        finally:
+            self("close", fd)
+        self.checked("mprotect", page + PAGE, PAGE, 3)  # the save area: rw-
+        self.mem.write(page, stub)
+        self._arm(page)
+        self.entry = page
+        self.checked("munmap", scratch, 2 * PAGE)
+        return page
 
     def __call__(self, name: str, *args: int) -> int:
         a = [int(x) for x in args] + [0] * (6 - len(args))
         ret = self.ffi.new("long *")
-        rc = self.lib.kp_inject_syscall(self._t, self.gadget, SYS[name], *a, ret)
+        rc = self.lib.kp_inject_syscall(self._t, self.entry, SYS[name], *a, ret)
         if rc == -errno.ESRCH:
             raise TargetGone(f"process {self.pid} exited")
         if rc != 0:
@@ -271,8 +357,9 @@ class Injector:
         return r
 
     @property
-    def rsp(self) -> int:
-        return self._t[0].regs.rsp
+    def scratch(self) -> int:
+        """Bytes of the injector's data page free for syscall arguments."""
+        return self.entry + PAGE + 512
 
     def _release(self) -> None:
         self.lib.kp_release_all(self.pid, self._t, self._n[0], 0)

@@ -21,7 +21,7 @@ from . import harness, quiescence
 from .errors import HotpatchError, NotQuiescent, PatchMismatch, RemoteError
 from .maps import read_maps
 from .quiescence import Blocker, CodeRange
-from .tracer import Injector, World, find_syscall_gadget
+from .tracer import Injector, World
 from .unwind import Unwinder
 
 APPLY, REVERT = "apply", "revert"
@@ -319,8 +319,7 @@ class Transition:
 
 def unmap_regions(proc, regions: list[tuple[int, int]]) -> None:
     """Remove an edition's memory (and with it, its record)."""
-    gadget = find_syscall_gadget(proc.pid, read_maps(proc.pid), proc.mem.read)
-    with Injector(proc.pid, gadget) as inj:
+    with Injector(proc.pid, proc.mem) as inj:
         for start, size in regions:
             if start:
                 inj("munmap", start, size)

@@ -340,17 +340,19 @@ def test_sigkill_during_revert(fg_target):
 BORROW_AND_DIE = r"""
 import struct, sys
 from ksplice_py import tracer
-from ksplice_py.maps import read_maps
 from ksplice_py.memory import RemoteMemory
-pid, tid = int(sys.argv[1]), int(sys.argv[2])
-tracer.SYS.setdefault("nanosleep", 35)
+pid, tid, fifo = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+tracer.SYS.update(open=2, read=0)
 mem = RemoteMemory(pid)
-inj = tracer.Injector(pid, tracer.find_syscall_gadget(pid, read_maps(pid), mem.read), tid).__enter__()
+inj = tracer.Injector(pid, mem, tid).__enter__()
 assert inj.tid == tid
-ts = (inj.rsp - 128 - 1024) & ~15   # below the red zone, as cycle.py places the memfd name
-mem.write(ts, struct.pack("<qq", 1, 0))
-print(ts, flush=True)
-inj("nanosleep", ts, 0)             # SIGKILLed while this runs
+path = inj.scratch                   # the injector's data page, as cycle.py places the memfd name
+mem.write(path, fifo.encode() + b"\0")
+fd = inj.checked("open", path, 2)    # O_RDWR: never blocks on a FIFO
+# (A blocking read, not a nanosleep: nanosleep resets the thread's
+# restart_block, which the syscalls the tool really injects never touch.)
+print(fd, flush=True)
+inj("read", fd, path + 256, 1)       # SIGKILLed while this blocks
 """
 
 
@@ -363,16 +365,18 @@ def test_sigkill_while_an_injected_syscall_runs(fg_target):
     target = fg_target
     pid = target.pid
     tid = sorted(int(t) for t in os.listdir(f"/proc/{pid}/task") if int(t) != pid)[0]
-    tool = subprocess.Popen([os.sys.executable, "-c", BORROW_AND_DIE, str(pid), str(tid)],
+    fifo = f"/tmp/ksplice_py_test_fifo.{os.getpid()}.{pid}"
+    os.mkfifo(fifo)
+    tool = subprocess.Popen([os.sys.executable, "-c", BORROW_AND_DIE, str(pid), str(tid), fifo],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        ts = int(tool.stdout.readline() or 0)
-        assert ts, tool.stderr.read()
+        fd = int(tool.stdout.readline() or -1)
+        assert fd >= 0, tool.stderr.read()
 
         def in_injected_sleep() -> bool:
             with open(f"/proc/{pid}/task/{tid}/syscall") as f:
                 fields = f.read().split()
-            return fields[:2] == ["35", hex(ts)]
+            return fields[:2] == ["0", hex(fd)]
 
         deadline = time.monotonic() + 5
         while not in_injected_sleep():
@@ -381,7 +385,10 @@ def test_sigkill_while_an_injected_syscall_runs(fg_target):
     finally:
         tool.kill()
         tool.wait()
-    time.sleep(1.3)  # the injected nanosleep ends; the thread returns to user space
+    with open(fifo, "wb", buffering=0) as w:  # let the injected read return
+        w.write(b"x")
+    os.unlink(fifo)
+    time.sleep(0.3)  # the thread restores itself from the stub and goes on
     assert target.alive(), (f"target died (exit {target.proc.returncode}) after the tool was killed "
                             f"during an injected syscall")
     assert_alive_and_running(target, "after the tool died during an injected syscall")

@@ -30,9 +30,10 @@ double kp_now_us(void)
     return ts.tv_sec * 1e6 + ts.tv_nsec / 1e3;
 }
 
-int kp_seize(int tid, int follow_clones)
+int kp_seize(int tid, int options)
 {
-    long opts = follow_clones ? PTRACE_O_TRACECLONE : 0;
+    long opts = ((options & KP_FOLLOW_CLONES) ? PTRACE_O_TRACECLONE : 0)
+              | ((options & KP_SYSCALL_STOPS) ? PTRACE_O_TRACESYSGOOD : 0);
     if (ptrace(PTRACE_SEIZE, tid, 0, (void *)opts) == 0)
         return 0;
     return -errno;
@@ -318,7 +319,7 @@ int kp_release_all(int pid, struct kp_thread *t, int n, int keep)
     return failed;
 }
 
-int kp_inject_syscall(struct kp_thread *th, unsigned long gadget, long nr,
+int kp_inject_syscall(struct kp_thread *th, unsigned long entry, long nr,
                       long a1, long a2, long a3, long a4, long a5, long a6,
                       long *ret)
 {
@@ -332,7 +333,7 @@ int kp_inject_syscall(struct kp_thread *th, unsigned long gadget, long nr,
     if (ptrace(PTRACE_GETREGS, th->tid, 0, &saved) != 0)
         return -errno;
     r = saved;
-    r.rip = gadget;
+    r.rip = entry;
     r.rax = nr;
     /* orig_rax = -1: the kernel must not treat the stop we resume from as an
      * interrupted syscall to restart with *our* registers. */
@@ -340,8 +341,13 @@ int kp_inject_syscall(struct kp_thread *th, unsigned long gadget, long nr,
     r.rdi = a1; r.rsi = a2; r.rdx = a3; r.r10 = a4; r.r8 = a5; r.r9 = a6;
     if (ptrace(PTRACE_SETREGS, th->tid, 0, &r) != 0)
         return -errno;
-    for (;;) {
-        if (ptrace(PTRACE_SINGLESTEP, th->tid, 0, 0) != 0)
+    /* Syscall stops, not a single-step: if we die now, the kernel drops the
+     * syscall-trace flag with us, while a pending single-step trap would
+     * reach the target as a fatal SIGTRAP. (The entry stub restores the
+     * thread's registers by itself in that case; see tracer.py.) */
+    int syscall_stops = 0;
+    while (syscall_stops < 2) {
+        if (ptrace(PTRACE_SYSCALL, th->tid, 0, 0) != 0)
             return -errno;
         int st = 0;
         if (waitpid(th->tid, &st, __WALL) < 0)
@@ -352,16 +358,14 @@ int kp_inject_syscall(struct kp_thread *th, unsigned long gadget, long nr,
         }
         int event = (unsigned)st >> 16;
         int sig = WSTOPSIG(st);
-        if (ptrace(PTRACE_GETREGS, th->tid, 0, &r) != 0)
-            return -errno;
-        if (event == 0 && sig == SIGTRAP && r.rip == gadget + 2)
-            break;                           /* the step completed */
-        if (event == 0 && sig != SIGTRAP)
-            note_signal(th, sig);            /* arrived meanwhile: keep for later */
-        if (r.rip == gadget + 2)
-            break;
-        /* a stop before the step ran (signal, stray trap): step again */
+        if (sig == (SIGTRAP | 0x80))
+            syscall_stops++;            /* entry, then exit */
+        else if (event == 0)
+            note_signal(th, sig);       /* arrived meanwhile: keep for later */
+        /* other stops (a group-stop arriving): just go on */
     }
+    if (ptrace(PTRACE_GETREGS, th->tid, 0, &r) != 0)
+        return -errno;
     *ret = (long)r.rax;
     /* Restore everything: with the saved orig_rax/rax the kernel restarts an
      * interrupted read/epoll_wait/nanosleep when the thread is resumed. */

@@ -31,9 +31,11 @@ struct kp_thread {
     unsigned long hit_where;     /* rip, or the stack slot holding it */
 };
 
-/* Seize one thread (PTRACE_SEIZE, with PTRACE_O_TRACECLONE when follow_clones
- * is set). Returns 0 or -errno. */
-int kp_seize(int tid, int follow_clones);
+#define KP_FOLLOW_CLONES 1   /* PTRACE_O_TRACECLONE: the stop-the-world tracer */
+#define KP_SYSCALL_STOPS 2   /* PTRACE_O_TRACESYSGOOD: the syscall injector */
+
+/* Seize one thread with KP_* options. Returns 0 or -errno. */
+int kp_seize(int tid, int options);
 
 /* Interrupt every RUNNING thread of t[0..*n) and wait until each is stopped,
  * gone, or the deadline passes. Threads born meanwhile are appended (up to
@@ -60,12 +62,13 @@ int kp_write_all(int memfd, int n, const unsigned long *addr,
  * threads that could not be released. */
 int kp_release_all(int pid, struct kp_thread *t, int n, int keep);
 
-/* Run one raw syscall in a stopped thread: rip := gadget (a `syscall`
- * instruction), single-step it, and restore every register exactly, so an
+/* Run one raw syscall in a stopped thread (seized with KP_SYSCALL_STOPS):
+ * rip := entry (a `syscall` instruction), run it between its syscall-entry
+ * and syscall-exit stops, and restore every register exactly, so an
  * interrupted syscall of the thread restarts as if nothing happened. Signals
  * arriving meanwhile are recorded in th for re-delivery. Returns 0 and the
  * syscall's result in *ret, or -errno of the ptrace failure. */
-int kp_inject_syscall(struct kp_thread *th, unsigned long gadget, long nr,
+int kp_inject_syscall(struct kp_thread *th, unsigned long entry, long nr,
                       long a1, long a2, long a3, long a4, long a5, long a6,
                       long *ret);
 
