@@ -74,6 +74,8 @@ def check_target(pid: int) -> None:
     except FileNotFoundError:
         raise NoSuchProcess(f"no process with pid {pid}") from None
     fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+    if fields.get("State", "").split()[:1] in (["Z"], ["X"]):
+        raise TargetGone(f"process {pid} has exited (it is a zombie waiting for its parent)")
     # Kernel threads have no user address space: no VmSize line, no exe.
     if "VmSize" not in fields:
         raise NoSuchProcess(f"pid {pid} is a kernel thread; only user processes can be patched")

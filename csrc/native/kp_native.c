@@ -142,6 +142,15 @@ static int on_status(struct kp_thread *t, int *n, int cap, struct kp_thread *th,
     return 1;
 }
 
+static int idle_spins = 64;      /* sched_yield rounds before sleeping */
+static long idle_sleep_ns = 20000;
+
+void kp_set_idle(int spins, long sleep_ns)
+{
+    idle_spins = spins;
+    idle_sleep_ns = sleep_ns;
+}
+
 int kp_stop_all(struct kp_thread *t, int *n, int cap, long timeout_us)
 {
     double deadline = kp_now_us() + (double)timeout_us;
@@ -178,10 +187,10 @@ int kp_stop_all(struct kp_thread *t, int *n, int cap, long timeout_us)
         /* Threads need CPU to reach their stop; on few cores, give it. */
         if (progress) {
             idle_rounds = 0;
-        } else if (++idle_rounds < 64) {
+        } else if (++idle_rounds < idle_spins) {
             sched_yield();
         } else {
-            struct timespec ts = {0, 20000};
+            struct timespec ts = {0, idle_sleep_ns};
             nanosleep(&ts, NULL);
         }
     }
