@@ -75,7 +75,7 @@ class AuditRecord:
         self.target_start_time = getattr(proc, "start_time", None)
 
     def patch_file(self, patch) -> None:
-        self.patch, self.sha256 = patch.name, patch.sha256
+        self.patch, self.sha256 = os.path.abspath(patch.name), patch.sha256
         self.functions = [r.target for r in patch.replacements]
 
     def edition_done(self, e) -> None:

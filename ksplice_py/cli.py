@@ -290,7 +290,10 @@ def main(argv: list[str] | None = None) -> int:
     rc, error, details = _run(argv, as_json, session)
     if session.trail is not None:  # one audit record, whatever the outcome
         session.record.finish(rc, error and " ".join(error.split()))
-        session.trail.write(session.record)
+        try:
+            session.trail.write(session.record)
+        except Interrupted:  # a second SIGTERM/SIGINT: the write is one syscall, done or not
+            pass
         session.trail.close()
     return rc if error is None else _fail(error, rc, as_json, details)
 

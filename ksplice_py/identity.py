@@ -127,6 +127,9 @@ class TargetHandle:
             raise PidReused(f"process {self.pid} exited{during} and its pid now belongs to another "
                             f"process (started at tick {now}, not {self.start_time}); refusing to touch it")
         exe = _exe_identity(self.pid)
+        if exe is None and self.exe_id is not None:
+            # An exiting process loses its exe link before its pidfd reports the exit.
+            raise TargetGone(f"process {self.pid} exited{during}; nothing more was done to it")
         if exe != self.exe_id:
             raise TargetGone(f"process {self.pid} executed a new program{during}; "
                              "nothing more was done to it (run hotpatch again for the new program)")

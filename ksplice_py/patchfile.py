@@ -28,6 +28,7 @@ PAGE = 4096
 PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
 MAX_SPAN = 256 << 20  # a patch is a few functions; refuse absurd (fuzzed) sizes
 MAX_STRING = 4096
+MAX_INIT_ARRAY = 1 << 16  # bytes of DT_INIT_ARRAY & co. we walk (8192 entries)
 
 # --- compiler flags -------------------------------------------------------
 # Why each flag (the loader maps segments and relocates; it never runs code
@@ -244,6 +245,18 @@ class _Sym:
         return self.shndx != "SHN_UNDEF"
 
 
+class _Budget:
+    """A bound on loop iterations driven by counts read from the file."""
+
+    def __init__(self, limit: int, error: Exception) -> None:
+        self.left, self.error = limit, error
+
+    def spend(self) -> None:
+        self.left -= 1
+        if self.left < 0:
+            raise self.error
+
+
 class _Parser:
     def __init__(self, data: bytes, name: str) -> None:
         self.data = data
@@ -393,6 +406,10 @@ class _Parser:
         if self.tags.get("DT_PLTREL", [7])[0] != 7:  # 7 == DT_RELA
             raise self.unsupported("DT_PLTREL is not DT_RELA")
 
+    @property
+    def textrel(self) -> bool:
+        return "DT_TEXTREL" in self.tags or bool((self.tag("DT_FLAGS") or 0) & 0x4)  # DF_TEXTREL
+
     def tag(self, name: str) -> int | None:
         vals = self.tags.get(name)
         return vals[0] if vals else None
@@ -404,17 +421,24 @@ class _Parser:
         versym = None
         for sec in self.elf.iter_sections():
             if sec["sh_type"] == "SHT_GNU_verneed":
+                budget = self.version_budget(sec)
                 for _verneed, auxes in sec.iter_versions():
+                    budget.spend()
                     for aux in auxes:
+                        budget.spend()
                         names[aux["vna_other"]] = aux.name
             elif sec["sh_type"] == "SHT_GNU_verdef":
+                budget = self.version_budget(sec)
                 for verdef, auxes in sec.iter_versions():
+                    budget.spend()
                     first = next(iter(auxes), None)
                     if first is not None and not (verdef["vd_flags"] & 1):  # not VER_FLG_BASE
                         names[verdef["vd_ndx"]] = first.name
             elif sec["sh_type"] == "SHT_GNU_versym":
                 versym = sec
         n = dynsym.num_symbols()
+        if n > len(self.data) // 24 + 1:  # an Elf64_Sym is 24 bytes of the file
+            raise self.bad(f".dynsym claims {n} symbols, more than the file can hold")
         if versym is None:
             return [None] * n
         out: list[str | None] = []
@@ -422,6 +446,14 @@ class _Parser:
             ndx = versym.get_symbol(i)["ndx"]
             out.append(names.get(ndx & 0x7FFF) if isinstance(ndx, int) else None)
         return out
+
+    def version_budget(self, sec) -> "_Budget":
+        """pyelftools follows vn_next/vna_next links sh_info/vn_cnt times; a
+        zero link re-reads one record, so a fuzzed count (2**32) would spin.
+        A record takes at least 8 bytes of the section (and of the file)."""
+        return _Budget(min(sec["sh_size"], len(self.data)) // 8 + 1,
+                       self.bad(f"symbol version section {sec.name} is malformed "
+                                "(more records than its size can hold)"))
 
     def read_dynsym(self) -> list[_Sym]:
         secs = list(self.elf.iter_sections(type="SHT_DYNSYM"))
@@ -484,8 +516,14 @@ class _Parser:
             raise self.unsupported(f"{reloc_name(rtype)} {where} is not supported; "
                                    "build with -fPIC $(hotpatch cflags)")
         size = RELOC_SIZE[rtype]
-        if size and self.segment_at(offset, size) is None:
+        seg = self.segment_at(offset, size) if size else None
+        if size and seg is None:
             raise self.bad(f"{reloc_name(rtype)} {where} lies outside every loadable segment")
+        if seg is not None and not seg.prot & PROT_WRITE and not self.textrel:
+            # ld.so would fault writing there (no DT_TEXTREL): the slot the
+            # code reads would stay unfilled, so refuse rather than load it.
+            raise self.bad(f"{reloc_name(rtype)} {where} writes into a read-only segment "
+                           "without DT_TEXTREL; build with -fPIC $(hotpatch cflags)")
         if rtype in (R_NONE, R_RELATIVE) or symidx == 0:
             if rtype not in (R_NONE, R_RELATIVE, R_64):
                 raise self.bad(f"{reloc_name(rtype)} {where} has no symbol")
@@ -529,6 +567,12 @@ class _Parser:
             addr, size = self.tag(tag), self.tag(tag + "SZ") or 0
             if addr is None:
                 continue
+            # Bound the walk by what a loadable segment holds: a fuzzed
+            # DT_*_ARRAYSZ of 2**62 over unmapped space would loop for ever.
+            if size and self.segment_at(addr, size) is None:
+                raise self.bad(f"{tag} at 0x{addr:x} ({size} bytes) lies outside every loadable segment")
+            if size > MAX_INIT_ARRAY:
+                raise self.bad(f"{tag}SZ of {size} bytes is absurd for a patch")
             for slot in range(addr, addr + size - size % 8, 8):
                 value = self.pointer_value(slot)
                 if value is None:

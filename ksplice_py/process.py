@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from . import editions as ed
 from . import trust
 from .cycle import HarnessChoice, PatchCycle
-from .errors import AccessDenied, BadInput, HotpatchError, RemoteError
+from .errors import AccessDenied, BadInput, HotpatchError, RemoteError, TargetGone
 from .identity import TargetHandle, check_architecture
 from .maps import exe_path, read_maps
 from .memory import RemoteMemory
@@ -129,7 +129,7 @@ class Process:
         """Run the whole cycle; raises NotQuiescent (target untouched) when
         no safe moment came within ``timeout`` seconds."""
         patch = _load(patch)
-        with self._locked():
+        with self._locked("applying the patch"):
             self._recover(timeout)
             cycle = _GuardedCycle(self, patch, harnesses=harnesses)
             edition = cycle.run(timeout)
@@ -140,7 +140,7 @@ class Process:
     def check(self, patch: str | PatchFile, harnesses: HarnessChoice | None = None) -> CheckReport:
         """prepare + apply + finalize + one quiescence probe, then abort."""
         patch = _load(patch)
-        with self._locked():
+        with self._locked("checking the patch"):
             self._recover()
             cycle = _GuardedCycle(self, patch, harnesses=harnesses)
             try:
@@ -159,7 +159,7 @@ class Process:
         """Stage a patch: mapped, linked, recorded as ``prepared``; the
         target keeps running the old code until ``cutover``."""
         patch = _load(patch)
-        with self._locked():
+        with self._locked("preparing the patch"):
             self._recover()
             cycle = _GuardedCycle(self, patch, staged=True, harnesses=harnesses)
             try:
@@ -174,7 +174,7 @@ class Process:
 
     def cutover(self, edition_id: int | None = None, timeout: float = 5.0) -> ed.Edition:
         """Switch a prepared edition (the newest prepared one by default)."""
-        with self._locked():
+        with self._locked("switching"):
             self._recover()
             e = self._pick(edition_id, "prepared")
             t = Transition(self, e, APPLY)
@@ -185,7 +185,7 @@ class Process:
 
     def abort(self, edition_id: int | None = None) -> ed.Edition:
         """Discard a prepared edition; its memory leaves the target."""
-        with self._locked():
+        with self._locked("aborting"):
             self._recover()
             e = self._pick(edition_id, "prepared")
             self.verify("aborting")
@@ -197,7 +197,7 @@ class Process:
         """Undo an applied edition (the newest by default): a cutover in
         reverse, quiescence checked against the new code, then its memory
         is freed. Refused while a newer edition replaces the same functions."""
-        with self._locked():
+        with self._locked("reverting"):
             self._recover()
             e = self._pick(edition_id, "applied")
             t = Transition(self, e, REVERT)
@@ -208,13 +208,14 @@ class Process:
 
     def recover(self, timeout: float = 5.0) -> list[str]:
         """Finish or undo whatever an interrupted tool left behind."""
-        with self._locked():
+        with self._locked("recovering"):
             done = self._recover(timeout)
         self.verify("recovering")
         return done
 
     def editions(self) -> list[ed.Edition]:
         """Editions applied or prepared in the target, newest first."""
+        self.verify()
         eds = ed.list_editions(self.mem, read_maps(self.pid))[0]
         self.verify("reading its editions")  # what we read was this process's
         return eds
@@ -285,9 +286,11 @@ class Process:
 
     # -- plumbing -------------------------------------------------------------
     @contextmanager
-    def _locked(self):
+    def _locked(self, doing: str):
         """One hotpatch at a time per target: two tools interleaving
-        trampoline writes could leave a mix."""
+        trampoline writes could leave a mix. A failure caused by the target
+        dying under us (a short write, a failed injection) is reported as
+        what it is: TargetGone."""
         path = os.path.join(_lock_dir(), f"ksplice_py.{self.pid}.lock")
         # O_NOFOLLOW: the lock directory may be world-writable (sticky);
         # root must not be led through someone's symlink.
@@ -301,9 +304,22 @@ class Process:
             except BlockingIOError:
                 raise AccessDenied(
                     f"another hotpatch is working on process {self.pid}; wait for it to finish") from None
-            yield
+            try:
+                yield
+            except HotpatchError as err:
+                gone = None if isinstance(err, TargetGone) else self._gone(doing)
+                if gone is None:
+                    raise
+                raise TargetGone(f"{gone} (the step in progress failed: {err})") from None
         finally:
             os.close(fd)
+
+    def _gone(self, doing: str) -> TargetGone | None:
+        try:
+            self.handle.verify(doing)
+        except TargetGone as gone:
+            return gone
+        return None
 
     def close(self) -> None:
         self.mem.close()
