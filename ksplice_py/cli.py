@@ -104,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--sha256", metavar="HEX", help="refuse the patch unless its content has this sha256")
     cmd("cflags", "compiler flags for building patches")
     cmd("harnesses", "the quiescence harnesses installed")
+    sub.add_parser("demo", help="the live DNS-server demo (hotpatch demo --help)", add_help=False)
     return p
 
 
@@ -147,13 +148,20 @@ def _attach(a) -> Process:
 
 # -- commands ---------------------------------------------------------------
 
+def _attempts(e) -> str:
+    if e.attempts <= 1:
+        return "1 attempt"
+    return (f"{e.attempts} attempts; longest stop {e.longest_pause_us or 0:.0f} µs, "
+            f"all stops {e.stopped_us or 0:.0f} µs")
+
+
 def do_apply(a) -> tuple[dict, str]:
     timeout, patch = _seconds(a.timeout), _patch(a)
     with _attach(a) as proc:
         e = proc.apply(patch, timeout=timeout, harnesses=_choice(a))
     a.audit.edition_done(e)
     text = (f"edition {e.id} applied to pid {a.pid}: {_summary(e)}; "
-            f"pause {e.pause_us:.0f} µs ({e.attempts} attempt{'s' if e.attempts != 1 else ''})")
+            f"pause {e.pause_us:.0f} µs ({_attempts(e)})")
     return e.to_dict() | {"pid": int(a.pid)}, text
 
 
@@ -279,6 +287,9 @@ def _on_signal(signum, frame):
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["demo"]:  # its own options, progress display and Ctrl-C handling
+        from . import demo
+        return demo.main(argv[1:])
     # `hotpatch <pid> <patch.so>` is `hotpatch apply <pid> <patch.so>`
     positional = [x for x in argv if not x.startswith("-")]
     if positional and positional[0].isdigit():
