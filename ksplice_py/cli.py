@@ -204,13 +204,28 @@ def _summary(e) -> str:
     return ", ".join(f.symbol + (" (wrapped)" if f.kind == "wrap" else "") for f in e.functions)
 
 
-def do_revert(a) -> tuple[dict, str]:
-    eid, timeout = _edition_id(a.id), _seconds(a.timeout)
+def _edition_command(a, act, done: str, with_timeout: bool = True) -> tuple[dict, str]:
+    """revert / cutover / abort: act on one edition, audit it, report it."""
+    eid = _edition_id(a.id)
+    timeout = _seconds(a.timeout) if with_timeout else None
     with _attach(a) as proc:
-        e = proc.revert(eid, timeout=timeout)
+        e = act(proc, eid, timeout)
     a.audit.edition_done(e)
-    return e.to_dict() | {"pid": int(a.pid)}, (
-        f"edition {e.id} reverted in pid {a.pid}: {_summary(e)} restored; pause {e.pause_us:.0f} µs")
+    pause = f"; pause {e.pause_us:.0f} µs" if with_timeout else ""
+    return e.to_dict() | {"pid": int(a.pid)}, f"edition {e.id} {done.format(pid=a.pid, what=_summary(e))}{pause}"
+
+
+def do_revert(a) -> tuple[dict, str]:
+    return _edition_command(a, lambda p, i, t: p.revert(i, timeout=t), "reverted in pid {pid}: {what} restored")
+
+
+def do_cutover(a) -> tuple[dict, str]:
+    return _edition_command(a, lambda p, i, t: p.cutover(i, timeout=t), "switched in pid {pid}: {what}")
+
+
+def do_abort(a) -> tuple[dict, str]:
+    return _edition_command(a, lambda p, i, t: p.abort(i), "aborted in pid {pid}; its memory is gone",
+                            with_timeout=False)
 
 
 def do_prepare(a) -> tuple[dict, str]:
@@ -220,23 +235,6 @@ def do_prepare(a) -> tuple[dict, str]:
     a.audit.edition_done(e)
     return e.to_dict() | {"pid": int(a.pid)}, (
         f"edition {e.id} prepared in pid {a.pid}: {_summary(e)}; switch it with: hotpatch cutover {a.pid} {e.id}")
-
-
-def do_cutover(a) -> tuple[dict, str]:
-    eid, timeout = _edition_id(a.id), _seconds(a.timeout)
-    with _attach(a) as proc:
-        e = proc.cutover(eid, timeout=timeout)
-    a.audit.edition_done(e)
-    return e.to_dict() | {"pid": int(a.pid)}, (
-        f"edition {e.id} switched in pid {a.pid}: {_summary(e)}; pause {e.pause_us:.0f} µs")
-
-
-def do_abort(a) -> tuple[dict, str]:
-    eid = _edition_id(a.id)
-    with _attach(a) as proc:
-        e = proc.abort(eid)
-    a.audit.edition_done(e)
-    return e.to_dict() | {"pid": int(a.pid)}, f"edition {e.id} aborted in pid {a.pid}; its memory is gone"
 
 
 def do_recover(a) -> tuple[list, str]:

@@ -55,15 +55,20 @@ def _state(pid: int) -> str:
         return f.read().rsplit(b")", 1)[1].split()[0].decode()
 
 
-def _tgid(pid: int) -> int | None:
+def status_field(path: str, key: str) -> int | None:
+    """One integer field (``Tgid``, ``TracerPid``...) of a /proc status file."""
     try:
-        with open(f"/proc/{pid}/status") as f:
+        with open(path) as f:
             for line in f:
-                if line.startswith("Tgid:"):
+                if line.startswith(key + ":"):
                     return int(line.split()[1])
     except (OSError, ValueError):
         pass
     return None
+
+
+def _tgid(pid: int) -> int | None:
+    return status_field(f"/proc/{pid}/status", "Tgid")
 
 
 def _exe_identity(pid: int) -> tuple[int, int] | None:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from . import native
 from .errors import AccessDenied, NoSuchProcess, RemoteError, TargetGone
+from .identity import status_field
 from .maps import Mapping
 
 MAX_THREADS = 1 << 20
@@ -52,14 +53,7 @@ def _is_zombie(pid: int, tid: int) -> bool:
 
 
 def _tracer_of(pid: int, tid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/task/{tid}/status") as f:
-            for line in f:
-                if line.startswith("TracerPid:"):
-                    return int(line.split()[1])
-    except (OSError, ValueError):
-        pass
-    return 0
+    return status_field(f"/proc/{pid}/task/{tid}/status", "TracerPid") or 0
 
 
 def check_target(pid: int) -> None:
