@@ -323,8 +323,12 @@ class Transition:
 
 
 def unmap_regions(proc, regions: list[tuple[int, int]]) -> None:
-    """Remove an edition's memory (and with it, its record)."""
+    """Remove an edition's memory (and with it, its record). When no edition
+    is left, the injector page goes too, so a target we only tried to patch
+    (abort, timeout, check) is exactly as before."""
     with Injector(proc.pid, proc.mem) as inj:
         for start, size in regions:
             if start:
                 inj("munmap", start, size)
+        if not ed.regions_in(read_maps(proc.pid)):
+            inj.remove()
