@@ -95,8 +95,8 @@ def thread_states(pid: int) -> dict[int, str]:
                 for line in f:
                     if line.startswith("State:"):
                         states[int(tid)] = line.split()[1]
-        except FileNotFoundError:
-            pass  # thread exited meanwhile
+        except (FileNotFoundError, ProcessLookupError):
+            pass  # thread exited meanwhile (ESRCH while reading a dying task)
     return states
 
 
