@@ -352,12 +352,6 @@ class Injector:
             raise RemoteError(f"{name} in process {self.pid} failed: {os.strerror(-r)}")
         return r
 
-    def remove(self) -> None:
-        """Unmap the injector page; the last syscall of this session. (Dying
-        right after it, before our restore, would leave the thread running
-        unmapped code: a window of microseconds, as when it was created.)"""
-        self.checked("munmap", self.entry, 2 * PAGE)
-
     @property
     def scratch(self) -> int:
         """Bytes of the injector's data page free for syscall arguments."""
