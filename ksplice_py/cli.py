@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = cmd("apply", "run the whole patch cycle on a live process")
     c.add_argument("pid", type=str)
     c.add_argument("patch")
-    c.add_argument("--timeout", type=str, default="5", help="seconds to wait for a safe moment (default 5)")
+    _timeout_option(c)
     _harness_options(c)
     _trust_options(c)
     _log_option(c)
@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = cmd("revert", "undo the newest (or the given) edition")
     c.add_argument("pid", type=str)
     c.add_argument("id", nargs="?", type=str)
-    c.add_argument("--timeout", type=str, default="5", help="seconds to wait for a safe moment (default 5)")
+    _timeout_option(c)
     _log_option(c)
     c = cmd("prepare", "stage a patch: mapped and linked, not switched (see cutover)")
     c.add_argument("pid", type=str)
@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = cmd("cutover", "switch a prepared edition (the newest by default)")
     c.add_argument("pid", type=str)
     c.add_argument("id", nargs="?", type=str)
-    c.add_argument("--timeout", type=str, default="5", help="seconds to wait for a safe moment (default 5)")
+    _timeout_option(c)
     _log_option(c)
     c = cmd("abort", "discard a prepared edition (the newest by default)")
     c.add_argument("pid", type=str)
@@ -106,6 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     cmd("harnesses", "the quiescence harnesses installed")
     sub.add_parser("demo", help="the live DNS-server demo (hotpatch demo --help)", add_help=False)
     return p
+
+
+def _timeout_option(c: argparse.ArgumentParser) -> None:
+    c.add_argument("--timeout", type=str, default="5", help="seconds to wait for a safe moment (default 5)")
 
 
 def _harness_options(c: argparse.ArgumentParser) -> None:

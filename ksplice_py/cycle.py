@@ -103,7 +103,6 @@ class PatchCycle:
         self.image: loader.LinkedImage | None = None
         self.attempts = 0
         self._mapped = False
-        self._applied = False
         self._switched = False
 
     # -- prepare --------------------------------------------------------------
@@ -233,7 +232,6 @@ class PatchCycle:
         for addr, data in (*self.image.writes, *pointer_writes):
             self.mem.write(addr, data)
         self._protect()
-        self._applied = True
 
     def _bind(self, imp) -> int | None:
         return self.proc.symbols.bind_import(imp.name, imp.version, imp.weak)

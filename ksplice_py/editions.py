@@ -40,8 +40,8 @@ HEADER = struct.Struct("<16s16sddQQdd")
 PREFIX = "ksplice_py:ed"
 _NAME_RE = re.compile(r"^/memfd:ksplice_py:ed(\d+)(:stubs)?(?::(.*?))?(?: \(deleted\))?$")
 
-STATES = ("preparing", "prepared", "switching", "applied", "reverting", "unreadable")
-STABLE = ("prepared", "applied")
+# States: preparing -> prepared -> switching -> applied (-> reverting), or
+# "unreadable" (a record another version wrote; see list_editions).
 
 
 @dataclass

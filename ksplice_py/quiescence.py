@@ -46,14 +46,6 @@ def frames_are_safe(pcs: list[int], ranges: list[CodeRange]) -> bool:
     return not any(inside(pc if i == 0 else pc - 1) for i, pc in enumerate(pcs))
 
 
-def thread_is_safe(rip: int, stack_words: Iterable[int], ranges: list[CodeRange]) -> bool:
-    """Reference predicate (the C scan implements exactly this): no rip and
-    no stack word inside any busy range."""
-    def inside(v: int) -> bool:
-        return any(r.start <= v < r.end for r in ranges)
-    return not inside(rip) and not any(inside(w) for w in stack_words)
-
-
 @dataclass(frozen=True)
 class Blocker:
     """A thread that kept the cutover from happening, and why."""

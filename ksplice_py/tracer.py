@@ -99,7 +99,6 @@ class World:
         self._cap = 64
         self._arr = self.ffi.new("struct kp_thread[]", self._cap)
         self._n = self.ffi.new("int *", 0)
-        self.stopped = False
 
     # -- attach -----------------------------------------------------------
     def seize(self) -> "World":
@@ -152,7 +151,6 @@ class World:
         if self._cap - self._n[0] < 1024:
             self._grow(self._n[0] + 1024)
         late = self.lib.kp_stop_all(self._arr, self._n, self._cap, int(timeout_s * 1e6))
-        self.stopped = True
         if self.alive() == 0:
             raise TargetGone(f"process {self.pid} exited")
         if late:
@@ -177,29 +175,31 @@ class World:
         return self.lib.kp_scan(self.pid, self._arr, self._n[0], lo, hi, len(ranges),
                                 slo, shi, len(stacks), max_scan)
 
-    def release(self, keep: bool = False) -> None:
+    def release(self) -> None:
         """Detach every stopped thread (re-delivering caught signals).
-        Threads that never stopped are waited for briefly so none is left in
-        a ptrace-stop behind us; the kernel detaches the rest when we exit."""
-        if not self._n[0]:
-            return
-        self.lib.kp_release_all(self.pid, self._arr, self._n[0], int(keep))
-        late = [t for t in self.threads() if t.state == self.lib.KP_RUNNING]
-        if late and not keep:
-            if self.stopped:
-                self.lib.kp_stop_all(self._arr, self._n, self._cap, 200_000)
-            else:  # seized but never interrupted: interrupt so we can detach
-                self.lib.kp_stop_all(self._arr, self._n, self._cap, 200_000)
-            self.lib.kp_release_all(self.pid, self._arr, self._n[0], 0)
-        if not keep:
-            self._n[0] = 0
-        self.stopped = False
+        Threads that never stopped (or were seized but never interrupted) are
+        stopped briefly so none is left in a ptrace-stop behind us; the
+        kernel detaches the rest when we exit."""
+        release_threads(self.lib, self.pid, self._arr, self._n, self._cap)
 
     def __enter__(self) -> "World":
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def release_threads(lib, pid: int, arr, n, cap: int) -> None:
+    """Detach every thread of a C array; one still running (never stopped,
+    or seized and never interrupted) is stopped briefly first, so none is
+    left in a ptrace-stop behind us."""
+    if not n[0]:
+        return
+    lib.kp_release_all(pid, arr, n[0])
+    if any(arr[i].state == lib.KP_RUNNING for i in range(n[0])):
+        lib.kp_stop_all(arr, n, cap, 200_000)
+        lib.kp_release_all(pid, arr, n[0])
+    n[0] = 0
 
 
 def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -358,11 +358,7 @@ class Injector:
         return self.entry + PAGE + 512
 
     def _release(self) -> None:
-        self.lib.kp_release_all(self.pid, self._t, self._n[0], 0)
-        if any(self._t[i].state == self.lib.KP_RUNNING for i in range(self._n[0])):
-            self.lib.kp_stop_all(self._t, self._n, 8, 200_000)
-            self.lib.kp_release_all(self.pid, self._t, self._n[0], 0)
-        self._n[0] = 0
+        release_threads(self.lib, self.pid, self._t, self._n, 8)
 
     def __exit__(self, *exc: object) -> None:
         self._release()

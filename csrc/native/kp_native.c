@@ -298,7 +298,7 @@ int kp_write_all(int memfd, int n, const unsigned long *addr,
     return -1;
 }
 
-int kp_release_all(int pid, struct kp_thread *t, int n, int keep)
+int kp_release_all(int pid, struct kp_thread *t, int n)
 {
     int failed = 0;
     for (int i = 0; i < n; i++) {
@@ -306,14 +306,9 @@ int kp_release_all(int pid, struct kp_thread *t, int n, int keep)
         if (th->state != KP_STOPPED)
             continue;
         /* A group-stopped thread keeps its group-stop over a detach (the
-         * kernel re-instates it); resuming it with CONT would wake it. */
+         * kernel re-instates it). */
         int first = th->nsigs ? th->sigs[0] : 0;
-        long r;
-        if (keep)
-            r = th->group_stop ? ptrace(PTRACE_LISTEN, th->tid, 0, 0)
-                               : ptrace(PTRACE_CONT, th->tid, 0, (void *)(long)first);
-        else
-            r = ptrace(PTRACE_DETACH, th->tid, 0, (void *)(long)first);
+        long r = ptrace(PTRACE_DETACH, th->tid, 0, (void *)(long)first);
         if (r != 0 && errno != ESRCH) {
             failed++;
             continue;

@@ -61,10 +61,11 @@ int kp_scan(int pid, struct kp_thread *t, int n,
 int kp_write_all(int memfd, int n, const unsigned long *addr,
                  const unsigned char *const *buf, const unsigned long *len);
 
-/* Release every stopped thread: PTRACE_DETACH (or PTRACE_CONT when keep is
- * set) re-delivering the signals caught while stopped. Returns the count of
- * threads that could not be released. */
-int kp_release_all(int pid, struct kp_thread *t, int n, int keep);
+/* Release every stopped thread with PTRACE_DETACH, re-delivering the signals
+ * caught while stopped (a group-stopped thread stays stopped: the kernel
+ * re-instates its group-stop on detach). Returns the count of threads that
+ * could not be released. */
+int kp_release_all(int pid, struct kp_thread *t, int n);
 
 /* Run one raw syscall in a stopped thread (seized with KP_SYSCALL_STOPS):
  * rip := entry (a `syscall` instruction), run it between its syscall-entry
