@@ -26,6 +26,7 @@ instant recoverable.
 from __future__ import annotations
 
 import json
+import os
 import re
 import struct
 from dataclasses import asdict, dataclass, field
@@ -152,29 +153,39 @@ def read_edition(mem: RemoteMemory, start: int) -> Edition | None:
     return ed
 
 
-def has_record(mem: RemoteMemory, start: int) -> bool:
-    """Was a record ever written here (by any version of the tool)?"""
+def may_be_live(mem: RemoteMemory, start: int) -> bool:
+    """Could a trampoline point into the region whose record is at start?
+
+    No when no record was ever written (the tool died between mmap and the
+    first record), and no when the fixed header still says ``preparing``:
+    trampolines are written only after ``prepared``. The latter holds even
+    if the JSON is torn, as when a tool dies while finalize rewrites it in
+    place before updating the header's length."""
     try:
-        return mem.read(start, len(MAGIC_PREFIX)) == MAGIC_PREFIX
+        head = mem.read(start, HEADER.size)
     except HotpatchError:
         return False
+    if not head.startswith(MAGIC_PREFIX):
+        return False
+    magic, state = HEADER.unpack(head)[:2]
+    return not (magic == MAGIC and state.rstrip(b"\0") == b"preparing")
 
 
 def list_editions(mem: RemoteMemory, maps: list[Mapping]) -> tuple[list[Edition], list[int]]:
     """(editions newest first, ids of orphan regions).
 
-    An orphan has no record at all: the tool died between mapping it and
-    writing the record, before any code could point into it, so unmapping
-    it is safe. A region whose record exists but cannot be read (another
-    version of the tool wrote it, or it is damaged) may be live code behind
-    a trampoline: it is listed as ``unreadable`` and never unmapped for us."""
+    An orphan is a region no code can point into (see may_be_live), so
+    unmapping it is safe. A region whose record cannot be read and that may
+    be live (another version of the tool wrote it, or it is damaged) may be
+    code behind a trampoline: it is listed as ``unreadable`` and never
+    unmapped for us."""
     editions, orphans = [], []
     for eid, ms in sorted(regions_in(maps).items(), reverse=True):
         primary = [m for m in ms if m.offset == 0 and ":stubs" not in m.path]
         ed = read_edition(mem, primary[0].start) if primary else None
         if ed is not None:
             editions.append(ed)
-        elif primary and has_record(mem, primary[0].start):
+        elif primary and may_be_live(mem, primary[0].start):
             hit = _NAME_RE.match(primary[0].path)
             editions.append(Edition(id=eid, patch=(hit and hit.group(3)) or "?", sha256="",
                                     state="unreadable",
@@ -182,6 +193,23 @@ def list_editions(mem: RemoteMemory, maps: list[Mapping]) -> tuple[list[Edition]
         else:
             orphans.append(eid)
     return editions, orphans
+
+
+def leaked_descriptors(pid: int) -> list[int]:
+    """The target's descriptors to one of our memfds: a tool killed between
+    memfd_create and close leaves one (the mapping itself needs none)."""
+    out = []
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return out
+    for fd in fds:
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("/memfd:ksplice_py:"):
+                out.append(int(fd))
+        except OSError:
+            continue  # closed meanwhile
+    return out
 
 
 def next_id(maps: list[Mapping]) -> int:

@@ -22,7 +22,7 @@ from .memory import RemoteMemory
 from .patchfile import PatchFile
 from .quiescence import Blocker
 from .symbols import TargetSymbols
-from .tracer import check_target
+from .tracer import Injector, check_target
 from .transition import APPLY, REVERT, Transition, unmap_regions
 
 
@@ -251,7 +251,13 @@ class Process:
         eds, orphans = ed.list_editions(self.mem, maps)
         done: list[str] = []
         regions = ed.regions_in(maps)
-        for eid in orphans:  # killed before its record was written
+        leaked = ed.leaked_descriptors(self.pid)
+        if leaked:
+            with Injector(self.pid, self.mem) as inj:
+                for fd in leaked:
+                    inj("close", fd)
+            done.append(f"closed {len(leaked)} descriptor(s) an interrupted tool left open")
+        for eid in orphans:  # killed before its record was complete
             unmap_regions(self, [(m.start, m.end - m.start) for m in regions[eid]])
             done.append(f"removed the memory of edition {eid}, interrupted while preparing")
         for e in eds:
