@@ -98,6 +98,7 @@ class PatchCycle:
         self.mem = proc.mem
         self.switches: list[Switch] = []
         self.symbol_refs: list[tuple[int, Symbol]] = []
+        self.bind_targets: dict[str, int] = {}
         self.regions: list[Region] = []
         self.edition: ed.Edition | None = None
         self.image: loader.LinkedImage | None = None
@@ -127,6 +128,7 @@ class PatchCycle:
             self.switches.append(Switch(rep, sym, code))
         for ref in self.patch.symbol_refs:
             self.symbol_refs.append((ref.ptr, syms.resolve(ref.target)))
+        self.bind_targets = {b.target: syms.resolve(b.target).addr for b in self.patch.binds}
         chosen = self.harness_choice.select(
             {sw.sym.object: self.proc.symbols.build_id(sw.sym.object) for sw in self.switches})
         self._plan_regions()
@@ -161,8 +163,10 @@ class PatchCycle:
         self.record_size = ed.record_size(nfuncs)
         image_size = placement.page_up(hi - lo)
         stub_size = self._stub_area(nfuncs)
+        # The image must also reach what its Bind32 fields name (PC-relative).
+        anchors = [*main, *self.bind_targets.values()]
         self.regions = [Region(ed.region_name(self.edition_id, self.patch.name),
-                               self.record_size + image_size + stub_size, main)]
+                               self.record_size + image_size + stub_size, anchors)]
         for c in clusters:
             if c is not main:
                 self.regions.append(Region(ed.region_name(self.edition_id, "", stubs=True),
@@ -211,7 +215,7 @@ class PatchCycle:
     def apply(self) -> None:
         """Link the image, build stubs, fill pointers; write it all. Nothing
         in the target can reach any of it yet."""
-        self.image = loader.link(self.patch, self.image_base, self._bind)
+        self.image = loader.link(self.patch, self.image_base, self._bind, self.bind_targets)
         pointer_writes: list[tuple[int, bytes]] = []
         for sw in self.switches:
             sw.new_addr = self.image.addr(sw.rep.func)

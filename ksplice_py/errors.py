@@ -76,3 +76,20 @@ class TargetGone(HotpatchError):
 
 class RemoteError(HotpatchError):
     """A syscall injected into the target or a remote memory access failed."""
+
+
+# --- hotpatch build ---------------------------------------------------------
+class BuildInputError(BadInput):
+    """hotpatch build: no such tree, a diff that does not apply, a build that fails."""
+
+
+class NotLivePatchable(HotpatchError):
+    """hotpatch build: the diff cannot become a live patch. ``reasons`` has
+    one line per cause; ``str()`` is the first, for one-line contexts."""
+
+    exit_code = 4
+
+    def __init__(self, reasons: list[str]) -> None:
+        super().__init__(reasons[0] if len(reasons) == 1 else
+                         f"{len(reasons)} reasons: " + "; ".join(reasons), reasons=reasons)
+        self.reasons = reasons

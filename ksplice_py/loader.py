@@ -5,16 +5,18 @@ maps the span in the target, writes, then mprotects. Symbols the patch
 defines bind to the patch itself (like -Bsymbolic); imports are bound by the
 caller's `bind`, once per (name, version). The HOTPATCH_WRAP/SYMBOL pointer
 variables are left as the file has them: the caller fills them later.
+Bind32 fields (references to the target's own symbols, from `hotpatch
+build`) are filled from `targets`, the addresses the caller resolved.
 """
 from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Mapping
 
 from .errors import SymbolNotFound, UnsupportedPatch
 from .patchfile import (PAGE, PROT_READ, R_64, R_GLOB_DAT, R_JUMP_SLOT, R_NONE, R_PC32,
-                        R_PLT32, R_RELATIVE, Import, PatchFile, Reloc, reloc_name)
+                        R_PLT32, R_RELATIVE, Bind32, Import, PatchFile, Reloc, reloc_name)
 
 _U64 = 1 << 64
 
@@ -33,7 +35,8 @@ class LinkedImage:
 Binder = Callable[[Import], "int | None"]
 
 
-def link(patch: PatchFile, base: int, bind: Binder) -> LinkedImage:
+def link(patch: PatchFile, base: int, bind: Binder,
+         targets: Mapping[str, int] | None = None) -> LinkedImage:
     if base % PAGE or base < 0 or base + patch.span[1] >= 1 << 47:
         raise ValueError(f"link base 0x{base:x} must be page aligned and in user space")
     lo, hi = patch.span
@@ -43,6 +46,8 @@ def link(patch: PatchFile, base: int, bind: Binder) -> LinkedImage:
     symbols = _Symbols(patch, base, bind)
     for r in patch.relocs:
         _apply(image, lo, base, r, symbols)
+    for b in patch.binds:
+        _bind32(image, lo, base, b, (targets or {}).get(b.target), patch.name)
     writes = [(base + s.vaddr, bytes(image[s.vaddr - lo:s.vaddr - lo + s.memsz]))
               for s in patch.segments]
     return LinkedImage(base, hi - lo, writes, _protections(patch, base))
@@ -94,6 +99,16 @@ def _apply(image: bytearray, lo: int, base: int, r: Reloc, symbols: _Symbols) ->
     else:  # PatchFile refuses every other type; keep the loader honest anyway
         raise UnsupportedPatch(f"{symbols.patch.name}: cannot apply {reloc_name(r.type)}")
     struct.pack_into("<Q", image, at, value % _U64)
+
+
+def _bind32(image: bytearray, lo: int, base: int, b: Bind32, addr: int | None, name: str) -> None:
+    if addr is None:
+        raise SymbolNotFound(f"{name}: needs the target's symbol '{b.target}', which was not resolved")
+    disp = addr + b.addend - (base + b.place)
+    if not -(1 << 31) <= disp < 1 << 31:
+        raise UnsupportedPatch(f"{name}: '{b.target}' at 0x{addr:x} is out of 32-bit reach of the "
+                               f"patch at 0x{base:x}")
+    struct.pack_into("<i", image, b.place - lo, disp)
 
 
 def _protections(patch: PatchFile, base: int) -> list[tuple[int, int, int]]:

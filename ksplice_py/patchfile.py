@@ -78,7 +78,7 @@ def cflags() -> str:
 # --- manifest format (keep in sync with csrc/include/hotpatch.h) -------------
 MAGIC = 0x43545048
 VERSION = 1
-KIND_REPLACE, KIND_WRAP, KIND_SYMBOL, KIND_BUILD_ID = 1, 2, 3, 4
+KIND_REPLACE, KIND_WRAP, KIND_SYMBOL, KIND_BUILD_ID, KIND_BIND32 = 1, 2, 3, 4, 5
 RECORD = struct.Struct("<IHHQQQ")  # magic, version, kind, target, a, b
 
 # --- relocation types -------------------------------------------------------
@@ -112,6 +112,19 @@ class Replacement:
 class SymbolRef:
     target: str
     ptr: int  # patch vaddr of the pointer variable the tool fills
+
+
+@dataclass(frozen=True)
+class Bind32:
+    """A 32-bit PC-relative field of the patch that must reach a symbol of
+    the target (``hotpatch build`` binds references to unchanged code and
+    data this way: to the running original, never a copy). The field holds
+    the addend in the file (REL style); the loader stores S + A - P there and
+    refuses the patch when the target lies beyond +-2 GiB."""
+
+    target: str
+    place: int  # patch vaddr of the 4-byte field
+    addend: int
 
 
 @dataclass(frozen=True)
@@ -169,6 +182,7 @@ class PatchFile:
     func_names: dict[int, str]
     relocs: list[Reloc] = field(default_factory=list)
     needed: list[str] = field(default_factory=list)  # DT_NEEDED, informative
+    binds: list[Bind32] = field(default_factory=list)
 
     @classmethod
     def load(cls, path: str) -> "PatchFile":
@@ -212,6 +226,7 @@ class PatchFile:
             "symbols": [{"target": s.target, "ptr": s.ptr, "ptr_name": self.func_name(s.ptr)}
                         for s in self.symbol_refs],
             "pins": [{"object": p.object, "build_id": p.build_id} for p in self.pins],
+            "binds": [{"target": b.target, "place": b.place, "addend": b.addend} for b in self.binds],
             "imports": [{"name": i.name, "version": i.version, "weak": i.weak} for i in self.imports],
             "needed": list(self.needed),
         }
@@ -282,7 +297,7 @@ class _Parser:
         self.relocs = self.read_relocs()
         self.reloc_at = {r.offset: r for r in self.relocs if r.type != R_NONE}
         self.check_initialisers()
-        replacements, symbol_refs, pins = self.read_manifest()
+        replacements, symbol_refs, pins, binds = self.read_manifest()
         imports = list(dict.fromkeys(
             Import(s.name, s.version, s.bind == "STB_WEAK")
             for s in self.dynsym[1:] if not s.defined and s.name))
@@ -301,6 +316,7 @@ class _Parser:
             func_names=self.func_names(),
             relocs=self.relocs,
             needed=self.needed,
+            binds=binds,
         )
 
     # -- header --
@@ -628,7 +644,7 @@ class _Parser:
             raise self.bad(f"{what}: pointer variable 0x{vaddr:x} is not in writable data")
         return vaddr
 
-    def read_manifest(self) -> tuple[list[Replacement], list[SymbolRef], list[BuildIdPin]]:
+    def read_manifest(self) -> tuple[list[Replacement], list[SymbolRef], list[BuildIdPin], list[Bind32]]:
         sec = self.elf.get_section_by_name(".hotpatch")
         hint = "not a hotpatch patch: build it with hotpatch.h (HOTPATCH_REPLACE/HOTPATCH_WRAP)"
         if sec is None or sec["sh_size"] == 0:
@@ -642,6 +658,7 @@ class _Parser:
         replacements: list[Replacement] = []
         refs: list[SymbolRef] = []
         pins: list[BuildIdPin] = []
+        binds: list[Bind32] = []
         for i in range(size // RECORD.size):
             at = base + i * RECORD.size
             magic, version, kind, *_ = RECORD.unpack_from(raw, i * RECORD.size)
@@ -667,12 +684,30 @@ class _Parser:
                 refs.append(SymbolRef(target, self.var_addr(a, target)))
             elif kind == KIND_BUILD_ID:
                 pins.append(self.make_pin(target, a, what))
+            elif kind == KIND_BIND32:
+                target = self.check_target(target, f"bind {what}")
+                binds.append(self.make_bind(target, a, what))
             else:
                 raise self.bad(f"{what} has unknown kind {kind}")
-        if not (replacements or refs or pins):
+        if not (replacements or refs or pins or binds):
             raise self.bad(hint)
         self.check_duplicates(replacements, refs, pins)
-        return replacements, refs, pins
+        dup_places = {b.place for b in binds}
+        if len(dup_places) != len(binds):
+            raise self.bad("two bind records name the same place")
+        return replacements, refs, pins, binds
+
+    def make_bind(self, target: str, place: int | None, what: str) -> Bind32:
+        """The place must be 4 bytes of file data (they hold the addend) that
+        no dynamic relocation also writes."""
+        if place is None:
+            raise self.bad(f"{what}: bind place has no relocation")
+        raw = self.file_bytes(place, 4)
+        if raw is None:
+            raise self.bad(f"{what}: bind place 0x{place:x} is not inside the file's data")
+        if any(r.offset < place + 4 and place < r.offset + r.size for r in self.relocs):
+            raise self.bad(f"{what}: bind place 0x{place:x} overlaps a dynamic relocation")
+        return Bind32(target, place, struct.unpack("<i", raw)[0])
 
     def make_pin(self, obj: str, hexptr: int | None, what: str) -> BuildIdPin:
         if not obj or ":" in obj:

@@ -1,0 +1,15 @@
+#include <stdio.h>
+#include "counter.h"
+
+/* Same name as counter.c's helper, different behaviour. */
+static int helper(int x) {
+    return x * 100;
+}
+
+int util_mix(int x) {
+    return helper(x) + 7;
+}
+
+int util_name(char *out, int size) {
+    return snprintf(out, size, "util v1");
+}
