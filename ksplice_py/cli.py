@@ -102,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = cmd("info", "what a patch replaces, wraps and needs")
     c.add_argument("patch")
     c.add_argument("--sha256", metavar="HEX", help="refuse the patch unless its content has this sha256")
+    _build_command(cmd)
     cmd("cflags", "compiler flags for building patches")
     cmd("harnesses", "the quiescence harnesses installed")
     sub.add_parser("demo", help="the live DNS-server demo (hotpatch demo --help)", add_help=False)
@@ -251,7 +252,7 @@ def do_info(a) -> tuple[dict, str]:
     d = _patch(a).to_dict()
     lines = [f"{a.patch}: sha256 {d.get('sha256', '?')}"]
     for key, label in (("replaces", "replaces"), ("wraps", "wraps"), ("symbols", "needs symbol"),
-                       ("pins", "pinned to"), ("imports", "imports")):
+                       ("pins", "pinned to"), ("imports", "imports"), ("binds", "binds")):
         for item in d.get(key, []):
             lines.append(f"  {label:<13} {_fmt(item)}")
     return d, "\n".join(lines)
@@ -274,10 +275,36 @@ def do_cflags(a) -> tuple[str, str]:
     return flags, flags
 
 
+# -- hotpatch build (issue #14) ------------------------------------------------
+
+def _build_command(cmd: Callable[[str, str], argparse.ArgumentParser]) -> None:
+    c = cmd("build", "a live patch from a source tree and a diff (docs/build.md)")
+    c.add_argument("--src", required=True, metavar="DIR", help="the source tree the running program was built from")
+    c.add_argument("--diff", required=True, metavar="FIX.diff", help="unified diff (-p1 as git diff writes it, or -p0)")
+    c.add_argument("--object", required=True, metavar="RELPATH", help="the executable or library in the tree to patch")
+    c.add_argument("-o", "--output", metavar="OUT.so", help="the patch to write (default: FIX.so beside the diff)")
+    c.add_argument("--make", default="make", metavar="CMD", help="the build command (default: make)")
+    c.add_argument("--binary", metavar="PATH", help="the installed copy that runs (default: DIR/RELPATH)")
+
+
+def do_build(a) -> tuple[dict, str]:
+    from .build import build_patch  # the builder is only loaded for this command
+    r = build_patch(a.src, a.diff, a.object, a.output, a.make, a.binary)
+    lines = [f"{r.patch}: live patch for {r.object} (build-id {r.build_id or 'none'})"]
+    for key, label in (("replaced", "replaces"), ("inlined", "replaces"), ("added", "adds")):
+        for row in getattr(r, key):
+            lines.append(f"  {label:<9} {row['function']:<24} {row['file']}: {row['why']}")
+    for row in r.new_variables:
+        lines.append(f"  {'new var':<9} {row['variable']:<24} {row['file']}: starts at its initial value")
+    for helper, into in sorted(r.inline_only.items()):
+        lines.append(f"  {'inlined':<9} {helper:<24} no copy of its own: changed inside {', '.join(into)}")
+    return r.to_dict(), "\n".join(lines)
+
+
 COMMANDS: dict[str, Callable] = {
     "apply": do_apply, "check": do_check, "list": do_list, "info": do_info, "cflags": do_cflags,
     "revert": do_revert, "prepare": do_prepare, "cutover": do_cutover, "abort": do_abort,
-    "recover": do_recover, "harnesses": do_harnesses,
+    "recover": do_recover, "harnesses": do_harnesses, "build": do_build,
 }
 
 
@@ -349,6 +376,8 @@ def _run(argv: list[str], as_json: bool, session: _Session) -> tuple[int, str | 
 def _fail(message: str, code: int, as_json: bool, details: dict | None = None) -> int:
     message = " ".join(message.split())  # one line, whatever was inside
     print(f"hotpatch: {message}", file=sys.stderr)
+    for line in (details or {}).get("lines", []):  # e.g. each reason a build is refused
+        print(f"  {line}", file=sys.stderr)
     if as_json:
         print(json.dumps({"error": message, "exit_code": code, **(details or {})}))
     return code

@@ -85,11 +85,10 @@ class BuildInputError(BadInput):
 
 class NotLivePatchable(HotpatchError):
     """hotpatch build: the diff cannot become a live patch. ``reasons`` has
-    one line per cause; ``str()`` is the first, for one-line contexts."""
+    one line per cause; the CLI prints them below the message."""
 
     exit_code = 4
 
     def __init__(self, reasons: list[str]) -> None:
-        super().__init__(reasons[0] if len(reasons) == 1 else
-                         f"{len(reasons)} reasons: " + "; ".join(reasons), reasons=reasons)
+        super().__init__("the diff cannot become a live patch:", lines=reasons)
         self.reasons = reasons

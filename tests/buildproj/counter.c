@@ -9,7 +9,7 @@ static int calls;          /* file static: bumped by every bump() */
 static long history[8];    /* file static array */
 
 /* Same name as util.c's helper: a static in each translation unit. */
-static int helper(int x) {
+static __attribute__((noinline)) int helper(int x) {
     return x + 1;
 }
 

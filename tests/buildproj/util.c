@@ -2,7 +2,7 @@
 #include "counter.h"
 
 /* Same name as counter.c's helper, different behaviour. */
-static int helper(int x) {
+static __attribute__((noinline)) int helper(int x) {
     return x * 100;
 }
 
