@@ -12,7 +12,7 @@ import os
 import shlex
 import shutil
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import HotpatchError
@@ -24,7 +24,13 @@ DEMO_SRC = resources.csrc() / "demo"
 SERVER_SRC = DEMO_SRC / "dnsserver.c"
 ZONE = DEMO_SRC / "zone.txt"
 PATCH_SRC = DEMO_SRC / "patches"
-PATCHES = ("fix_parse", "limit_response")
+# fix_parse.so is made by `hotpatch build` from fix_parse.diff (a diff to
+# dnsserver.c); fix_parse.c is the same fix written by hand with hotpatch.h,
+# kept as the example of the manual way (built as fix_parse_manual.so).
+GENERATED = {"fix_parse": PATCH_SRC / "fix_parse.diff"}
+HANDWRITTEN = {"fix_parse_manual": PATCH_SRC / "fix_parse.c",
+               "limit_response": PATCH_SRC / "limit_response.c"}
+PATCHES = ("fix_parse", "fix_parse_manual", "limit_response")
 
 # -fstack-protector-strong makes the parser's overflow a deterministic abort
 # (canary check on return) instead of whatever the smashed frame does next.
@@ -37,6 +43,7 @@ class Artifacts:
     server: Path
     zone: Path
     patches: dict[str, Path]  # "fix_parse" -> .so
+    build_report: dict | None = field(default=None, compare=False)  # what `hotpatch build` said about fix_parse.so (fresh builds only)
 
 
 def compiler() -> str:
@@ -68,7 +75,7 @@ def build(outdir: Path | None = None) -> Artifacts:
     """Compile (or find in the cache) the server and both patches."""
     cc = compiler()
     patch_flags = shlex.split(cflags())
-    sources = [SERVER_SRC, *(PATCH_SRC / f"{n}.c" for n in PATCHES)]
+    sources = [SERVER_SRC, *HANDWRITTEN.values(), *GENERATED.values()]
     h = hashlib.sha256()
     for part in (cc, _cc_identity(cc), *SERVER_CFLAGS, *SERVER_LIBS, *patch_flags):
         h.update(part.encode() + b"\0")
@@ -81,10 +88,36 @@ def build(outdir: Path | None = None) -> Artifacts:
     if not server.exists():
         _compile([*shlex.split(cc), *SERVER_CFLAGS, str(SERVER_SRC), *SERVER_LIBS], server)
     patches = {}
-    for name in PATCHES:
+    for name, src in HANDWRITTEN.items():
         so = out / f"{name}.so"
         if not so.exists():
-            _compile([*shlex.split(cc), "-shared", "-fPIC", "-O2", "-Wall", *patch_flags,
-                      str(PATCH_SRC / f"{name}.c")], so)
+            _compile([*shlex.split(cc), "-shared", "-fPIC", "-O2", "-Wall", *patch_flags, str(src)], so)
         patches[name] = so
-    return Artifacts(server=server, zone=ZONE, patches=patches)
+    report = None
+    for name, diff in GENERATED.items():
+        so = out / f"{name}.so"
+        if not so.exists():
+            report = _generate(cc, diff, server, so)
+        patches[name] = so
+    return Artifacts(server=server, zone=ZONE, patches=patches, build_report=report)
+
+
+def server_build_command(cc: str) -> str:
+    """The demo server's build as one shell command (what `hotpatch build --make` runs).
+    cc/gcc by name, so that the build picks up hotpatch build's wrapper from PATH."""
+    argv = shlex.split(cc)
+    if len(argv) == 1 and Path(argv[0]).name in ("cc", "gcc") and shutil.which(Path(argv[0]).name) == argv[0]:
+        argv = [Path(argv[0]).name]
+    return shlex.join([*argv, *SERVER_CFLAGS, "-o", "dnsserver", "dnsserver.c", *SERVER_LIBS])
+
+
+def _generate(cc: str, diff: Path, server: Path, so: Path) -> dict:
+    """`hotpatch build --src csrc/demo --diff DIFF --object dnsserver --binary SERVER`."""
+    from ..build import build_patch
+    tmp = so.with_name(f".{so.name}.{os.getpid()}.tmp")
+    try:
+        result = build_patch(DEMO_SRC, diff, "dnsserver", tmp, server_build_command(cc), server)
+        os.replace(tmp, so)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return {**result.to_dict(), "patch": str(so)}

@@ -377,6 +377,8 @@ class Demo:
         self.ui.step("building the server and patches")
         art = demo_build.build()
         self._event(f"built {art.server.name}, {', '.join(p.name for p in art.patches.values())}")
+        self._event("fix_parse.so: made by `hotpatch build` from patches/fix_parse.diff "
+                    "(fix_parse_manual.so: the same fix written by hand)")
         self.upstream = start_upstream(self.upstream_delay, work / "upstream.stderr", self.started)
         stack.callback(self.upstream.stop)
         self.server = start_server(art, self.upstream.port, self.workers, self.port, work / "server.stderr",
