@@ -168,6 +168,34 @@ def test_same_named_static_is_reached_through_its_callers(tree, prog, tmp_path):
     assert p("mix 2") == "2007" and p("bump 1") == "3"
 
 
+def test_changed_compiler_clone_is_added_and_its_callers_replaced(tree, prog, tmp_path):
+    """weigh() runs as weigh.constprop.0 (k == 3 folded in: its own calling
+    convention): the new clone travels as new code, util_weigh is replaced."""
+    patch, report = built(tree, "clone.diff", tmp_path)
+    assert [r["function"] for r in report["replaced"]] == ["util_weigh"]
+    assert [r["function"] for r in report["added"]] == ["weigh.constprop.0"]
+    p = prog()
+    assert p("weigh 2") == "17"  # (2*3+1) + (3*3+1)
+    apply(p.pid, patch)
+    assert p("weigh 2") == "27"  # (2*3+6) + (3*3+6)
+
+
+def test_renumbered_static_local_still_binds_to_the_running_one(tree, prog, tmp_path):
+    """A new function with a static local before bump(): gcc renumbers
+    bump's `seq.0` to `seq.1`. bump is not changed for that, and the new
+    function's own static local is new state."""
+    patch, report = built(tree, "static_local.diff", tmp_path)
+    assert [r["function"] for r in report["replaced"]] == ["describe"]
+    assert [r["function"] for r in report["added"]] == ["asked"]
+    assert [v["variable"] for v in report["new_variables"]] == ["times.0"]
+    p = prog()
+    assert p("bump 2") == "2"
+    apply(p.pid, patch)
+    assert p("describe") == "hits=1 total=2 calls=1 h=2 asked=1"
+    assert p("bump 3") == "3"
+    assert p("describe") == "hits=2 total=5 calls=2 h=3 asked=2"
+
+
 def test_cli_text_output_and_default_output_path(tree, tmp_path):
     diff = tmp_path / "fix.diff"
     shutil.copy(FIXES / "new_function.diff", diff)

@@ -14,6 +14,7 @@ int compute(int x);
 int describe(char *out, int size);
 int util_mix(int x);
 int util_name(char *out, int size);
+int util_weigh(int x);
 long stamp(void);
 
 #endif

@@ -24,6 +24,8 @@ int main(void) {
             printf("%s\n", text);
         } else if (!strncmp(line, "mix", 3))
             printf("%d\n", util_mix(arg));
+        else if (!strncmp(line, "weigh", 5))
+            printf("%d\n", util_weigh(arg));
         else if (!strncmp(line, "name", 4)) {
             util_name(text, sizeof text);
             printf("%s\n", text);
