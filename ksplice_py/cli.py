@@ -294,8 +294,9 @@ def do_build(a) -> tuple[dict, str]:
     for key, label in (("replaced", "replaces"), ("inlined", "replaces"), ("added", "adds")):
         for row in getattr(r, key):
             lines.append(f"  {label:<9} {row['function']:<24} {row['file']}: {row['why']}")
-    for row in r.new_variables:
-        lines.append(f"  {'new var':<9} {row['variable']:<24} {row['file']}: starts at its initial value")
+    for row in r.new_data:
+        what = "new variable, starts at its initial value" if row["kind"] == "variable" else "constant data"
+        lines.append(f"  {'carries':<9} {row['name']:<24} {row['file']}: {what}")
     for helper, into in sorted(r.inline_only.items()):
         lines.append(f"  {'inlined':<9} {helper:<24} no copy of its own: changed inside {', '.join(into)}")
     return r.to_dict(), "\n".join(lines)

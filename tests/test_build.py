@@ -53,6 +53,10 @@ class Prog:
         self.proc.stdin.flush()
         return self.proc.stdout.readline().strip()
 
+    def more(self) -> str:
+        """The next line of a multi-line answer."""
+        return self.proc.stdout.readline().strip()
+
     def stop(self) -> None:
         self.proc.kill()
         self.proc.wait()
@@ -187,13 +191,31 @@ def test_renumbered_static_local_still_binds_to_the_running_one(tree, prog, tmp_
     patch, report = built(tree, "static_local.diff", tmp_path)
     assert [r["function"] for r in report["replaced"]] == ["describe"]
     assert [r["function"] for r in report["added"]] == ["asked"]
-    assert [v["variable"] for v in report["new_variables"]] == ["times.0"]
+    assert report["new_data"] == [{"name": "times.0", "file": "counter.c", "kind": "variable"}]
     p = prog()
     assert p("bump 2") == "2"
     apply(p.pid, patch)
     assert p("describe") == "hits=1 total=2 calls=1 h=2 asked=1"
     assert p("bump 3") == "3"
     assert p("describe") == "hits=2 total=5 calls=2 h=3 asked=2"
+
+
+def test_switch_tables_and_cold_parts(tree, prog, tmp_path):
+    """grade() reads a switch lookup table (CSWTCH.N, a local constant): the
+    new table travels and grade is replaced; word() has a jump table and a
+    .cold part, which travel with it."""
+    patch, report = built(tree, "switch_tables.diff", tmp_path)
+    replaced = {r["function"]: r["why"] for r in report["replaced"]}
+    assert set(replaced) == {"grade", "word"}
+    assert "a constant that changed" in replaced["grade"]
+    assert [r["function"] for r in report["added"]] == ["word.cold"]
+    assert [(d["name"].split(".")[0], d["kind"]) for d in report["new_data"]] == [("CSWTCH", "constant")]
+    p = prog()
+    assert p("grade 4") == "four" and p.more() == "51 e"
+    apply(p.pid, patch)
+    assert p("grade 4") == "four" and p.more() == "99 e"
+    assert p("grade 5") == "FIVE" and p.more() == "68 F"
+    assert p("grade 9") == "-1 z"
 
 
 def test_cli_text_output_and_default_output_path(tree, tmp_path):

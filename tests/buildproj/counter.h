@@ -15,6 +15,8 @@ int describe(char *out, int size);
 int util_mix(int x);
 int util_name(char *out, int size);
 int util_weigh(int x);
+int grade(int x);
+const char *word(int x);
 long stamp(void);
 
 #endif

@@ -24,7 +24,10 @@ int main(void) {
             printf("%s\n", text);
         } else if (!strncmp(line, "mix", 3))
             printf("%d\n", util_mix(arg));
-        else if (!strncmp(line, "weigh", 5))
+        else if (!strncmp(line, "grade", 5)) {
+            const char *w = word(arg);  /* prints a line of its own for 0..5 */
+            printf("%d %s\n", grade(arg), w);
+        } else if (!strncmp(line, "weigh", 5))
             printf("%d\n", util_weigh(arg));
         else if (!strncmp(line, "name", 4)) {
             util_name(text, sizeof text);
