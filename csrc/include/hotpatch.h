@@ -43,6 +43,9 @@
 #define HOTPATCH_KIND_WRAP 2     /* a = wrapper, b = &orig_ptr_var          */
 #define HOTPATCH_KIND_SYMBOL 3   /* a = &ptr_var                            */
 #define HOTPATCH_KIND_BUILD_ID 4 /* target = object, a = hex build-id       */
+#define HOTPATCH_KIND_BIND32 5   /* a = 4-byte field holding an addend: the
+                                    loader stores target + addend - a there
+                                    (written by `hotpatch build`)            */
 
 /* A pointer field: a union so that functions need no (non-ISO)
  * function-to-object pointer conversion; 8 bytes either way. */
