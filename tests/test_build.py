@@ -122,6 +122,7 @@ def test_fix_using_statics_updates_the_running_programs_state(tree, prog, tmp_pa
     p = prog()
     assert p("bump 3") == "2" and p("bump 4") == "3"
     assert p("describe") == "hits=2 total=7 calls=2 h=4"
+    assert_ok(run_hotpatch("check", p.pid, patch))
     apply(p.pid, patch)
     # new code: total grows by 2*5; helper(calls) = calls+1 is counter.c's helper (util.c's is x*100)
     assert p("bump 5") == "4"
