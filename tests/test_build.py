@@ -25,6 +25,7 @@ from ksplice_py.patchfile import PatchFile
 
 PROJECT = Path(__file__).resolve().parent / "buildproj"
 FIXES = PROJECT / "fixes"
+LIBPROJECT = Path(__file__).resolve().parent / "buildlib"
 
 pytestmark = pytest.mark.skipif(shutil.which("make") is None or shutil.which("patch") is None,
                                 reason="hotpatch build tests need make and patch (apt-get install make patch)")
@@ -217,6 +218,32 @@ def test_switch_tables_and_cold_parts(tree, prog, tmp_path):
     assert p("grade 4") == "four" and p.more() == "99 e"
     assert p("grade 5") == "FIVE" and p.more() == "68 F"
     assert p("grade 9") == "-1 z"
+
+
+def test_shared_library(tmp_path):
+    """RELPATH is a library: its globals are reached through the GOT, so the
+    patch fills its own slots (HOTPATCH_SYMBOL) and binds statics and
+    calls (Bind32) to the running library; foo_get, unchanged, reads the
+    state the patched foo_add wrote."""
+    root = tmp_path / "lib"
+    shutil.copytree(LIBPROJECT, root, ignore=shutil.ignore_patterns("fixes"))
+    cp = subprocess.run(["make", "-s"], cwd=root, capture_output=True, text=True, timeout=120)
+    assert cp.returncode == 0, cp.stderr
+    out = tmp_path / "fix.so"
+    cp = run_hotpatch("build", "--src", root, "--diff", LIBPROJECT / "fixes" / "shared_total.diff",
+                      "--object", "libfoo.so", "-o", out, "--json", timeout=300)
+    assert_ok(cp)
+    assert json.loads(cp.stdout)["object"] == "libfoo.so"
+    d = PatchFile.load(str(out))
+    assert [r.target for r in d.replacements] == ["libfoo.so:foo_add"]
+    assert [s.target for s in d.symbol_refs] == ["libfoo.so:shared_total"]
+    p = Prog(root / "prog")
+    try:
+        assert p("a 1") == "8" and p("g") == "8001"
+        apply(p.pid, out)
+        assert p("a 1") == "20" and p("g") == "20002"
+    finally:
+        p.stop()
 
 
 def test_cli_text_output_and_default_output_path(tree, tmp_path):
