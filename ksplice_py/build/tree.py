@@ -40,7 +40,11 @@ def check_inputs(src: Path, diff: Path) -> None:
 def copy_tree(src: Path, dest: Path, relpath: str) -> None:
     """A copy to build in, without the objects and the target already built
     there (so that every object is rebuilt through the wrapper)."""
-    shutil.copytree(src, dest, symlinks=True)
+    try:
+        shutil.copytree(src, dest, symlinks=True)
+    except (OSError, shutil.Error) as e:
+        first = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+        raise BuildInputError(f"cannot copy {src} to build in: {first}") from None
     for path in dest.rglob("*.o"):
         if path.is_file():
             path.unlink()
