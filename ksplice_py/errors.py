@@ -1,9 +1,18 @@
 """One exception hierarchy. Every error a user can meet carries a one-line,
-user-facing message and the CLI exit code it maps to (design.md contract):
+user-facing message and the CLI exit code it maps to (docs/design.md):
 
     0 done, 2 bad usage/input, 3 no safe moment, 4 patch does not fit, 1 other.
+
+What a caller may want to act on travels as typed attributes (psutil's
+_exceptions.py is the model); ``to_dict()`` is what ``--json`` adds to the
+error line.
 """
 from __future__ import annotations
+
+from typing import TYPE_CHECKING, Sequence
+
+if TYPE_CHECKING:
+    from .quiescence import Blocker
 
 
 class HotpatchError(Exception):
@@ -11,14 +20,18 @@ class HotpatchError(Exception):
 
     exit_code = 1
 
-    def __init__(self, message: str, **details: object) -> None:
-        super().__init__(message)
-        self.details = details
+    def to_dict(self) -> dict:
+        """The structured facts of this error, for machine-readable output."""
+        return {}
 
 
 # --- exit 2: bad usage or bad input -------------------------------------
 class BadInput(HotpatchError):
     exit_code = 2
+
+
+class UsageError(BadInput):
+    """The command line is wrong (unknown option, a pid that is no number...)."""
 
 
 class NoSuchProcess(BadInput):
@@ -29,8 +42,17 @@ class AccessDenied(BadInput):
     """Not allowed to trace the target (permissions, already traced)."""
 
 
+class UnsupportedTarget(BadInput):
+    """The target runs a program this tool cannot patch (not x86-64)."""
+
+
 class BadPatchFile(BadInput):
     """The patch file is missing, not ELF, empty or malformed."""
+
+
+class UntrustedPatch(BadInput):
+    """The patch file could have been written by someone other than root
+    (or the invoking user), or its content is not the pinned one."""
 
 
 # --- exit 3: no safe moment ---------------------------------------------
@@ -39,6 +61,14 @@ class NotQuiescent(HotpatchError):
 
     exit_code = 3
 
+    def __init__(self, message: str, blockers: Sequence[Blocker] = (), attempts: int = 0) -> None:
+        super().__init__(message)
+        self.blockers = list(blockers)  # the threads that blocked the last attempt
+        self.attempts = attempts
+
+    def to_dict(self) -> dict:
+        return {"blockers": [b.to_dict() for b in self.blockers], "attempts": self.attempts}
+
 
 # --- exit 4: the patch does not fit this target -------------------------
 class PatchMismatch(HotpatchError):
@@ -46,15 +76,32 @@ class PatchMismatch(HotpatchError):
 
 
 class SymbolNotFound(PatchMismatch):
-    pass
+    def __init__(self, message: str, symbol: str | None = None, object: str | None = None,
+                 version: str | None = None) -> None:
+        super().__init__(message)
+        self.symbol, self.object, self.version = symbol, object, version
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in (("symbol", self.symbol), ("object", self.object),
+                                  ("version", self.version)) if v is not None}
 
 
 class AmbiguousSymbol(PatchMismatch):
-    pass
+    def __init__(self, message: str, symbol: str, candidates: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.symbol, self.candidates = symbol, list(candidates)
+
+    def to_dict(self) -> dict:
+        return {"symbol": self.symbol, "candidates": self.candidates}
 
 
 class UnknownObject(PatchMismatch):
-    pass
+    def __init__(self, message: str, object: str, available: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.object, self.available = object, list(available)
+
+    def to_dict(self) -> dict:
+        return {"object": self.object, "available": self.available}
 
 
 class BuildIdMismatch(PatchMismatch):
@@ -62,11 +109,32 @@ class BuildIdMismatch(PatchMismatch):
 
 
 class TrampolineError(PatchMismatch):
-    """A function cannot be redirected safely (too short, branch into window...)."""
+    """A function cannot be redirected safely (too short, branch into window...).
+
+    ``func`` names the function; ``insn_addr``/``text``/``reason`` the
+    instruction that could not be relocated, when one is to blame."""
+
+    def __init__(self, message: str, func: str | None = None, insn_addr: int | None = None,
+                 text: str = "", reason: str = "") -> None:
+        super().__init__(message)
+        self.func, self.insn_addr, self.text, self.reason = func, insn_addr, text, reason
+
+    def to_dict(self) -> dict:
+        d: dict = {"func": self.func} if self.func else {}
+        if self.insn_addr is not None:
+            d |= {"insn_addr": self.insn_addr, "text": self.text, "reason": self.reason}
+        return d
 
 
 class UnsupportedPatch(PatchMismatch):
     """The patch uses something the loader refuses (TLS, constructors, reloc type)."""
+
+    def __init__(self, message: str, symbol: str | None = None) -> None:
+        super().__init__(message)
+        self.symbol = symbol
+
+    def to_dict(self) -> dict:
+        return {"symbol": self.symbol} if self.symbol else {}
 
 
 # --- exit 1: anything else ----------------------------------------------
@@ -74,5 +142,17 @@ class TargetGone(HotpatchError):
     """The target exited while we worked on it."""
 
 
+class PidReused(TargetGone):
+    """The process we attached to is gone and its pid names another one."""
+
+
 class RemoteError(HotpatchError):
     """A syscall injected into the target or a remote memory access failed."""
+
+
+__all__ = [
+    "HotpatchError", "BadInput", "UsageError", "NoSuchProcess", "AccessDenied", "UnsupportedTarget",
+    "BadPatchFile", "UntrustedPatch", "NotQuiescent", "PatchMismatch", "SymbolNotFound",
+    "AmbiguousSymbol", "UnknownObject", "BuildIdMismatch", "TrampolineError", "UnsupportedPatch",
+    "TargetGone", "PidReused", "RemoteError",
+]

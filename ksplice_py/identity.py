@@ -30,15 +30,7 @@ import select
 from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 
-from .errors import AccessDenied, BadInput, NoSuchProcess, TargetGone
-
-
-class UnsupportedTarget(BadInput):
-    """The target runs a program this tool cannot patch (not x86-64)."""
-
-
-class PidReused(TargetGone):
-    """The process we attached to is gone and its pid names another one."""
+from .errors import AccessDenied, NoSuchProcess, PidReused, TargetGone, UnsupportedTarget
 
 
 def read_start_time(pid: int) -> int:

@@ -189,7 +189,7 @@ class Transition:
                     f"no safe moment to {verb} edition {self.edition.id} within {timeout:g}s "
                     f"({self.attempts} attempts): {quiescence.summarize(result.blockers)}; "
                     f"retry later or with a longer --timeout",
-                    blockers=[b.to_dict() for b in result.blockers], attempts=self.attempts)
+                    blockers=result.blockers, attempts=self.attempts)
             sleep_backoff(self.attempts, remaining)
 
     def prepare_precise(self) -> None:

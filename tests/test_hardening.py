@@ -23,8 +23,7 @@ import ksplice_py
 from conftest import (HOTPATCH, STATUS_SIZE, Status, assert_error, assert_ok, describe,
                       maps_lines, read_mem, run_hotpatch, thread_states, tracer_pid, wait_until)
 from ksplice_py import trust
-from ksplice_py.errors import NoSuchProcess, TargetGone
-from ksplice_py.identity import PidReused, UnsupportedTarget
+from ksplice_py import NoSuchProcess, PidReused, TargetGone, UnsupportedTarget, UntrustedPatch
 
 ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not ROOT, reason="needs root")
@@ -393,13 +392,13 @@ def test_trust_policy_unit(tmp_path, mul3):
     os.chmod(tmp_path, 0o700)
     assert trust.read_patch(patch, policy) == mul3.read_bytes()
     os.chmod(patch, 0o620)
-    with pytest.raises(trust.UntrustedPatch, match="writable by group"):
+    with pytest.raises(UntrustedPatch, match="writable by group"):
         trust.read_patch(patch, policy)
     assert trust.read_patch(patch, trust.Policy(insecure=True, enforce=True))
     assert trust.read_patch(patch, trust.Policy(enforce=False))
-    with pytest.raises(trust.UntrustedPatch, match="sha256"):
+    with pytest.raises(UntrustedPatch, match="sha256"):
         trust.read_patch(patch, trust.Policy(insecure=True, sha256="0" * 64))
-    with pytest.raises(ksplice_py.errors.BadInput):
+    with pytest.raises(ksplice_py.BadInput):
         trust.parse_sha256("abc")
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from elftools.elf.elffile import ELFFile
 
-from ksplice_py.errors import HotpatchError, SymbolNotFound
+from ksplice_py import HotpatchError, SymbolNotFound
 from ksplice_py.loader import LinkedImage, link
 from ksplice_py.patchfile import Import, PatchFile, cflags
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from elftools.elf.elffile import ELFFile
 
-from ksplice_py.errors import BadPatchFile, HotpatchError, UnsupportedPatch
+from ksplice_py import BadPatchFile, HotpatchError, UnsupportedPatch
 from ksplice_py.patchfile import (HOTPATCH_CFLAGS, Import, PatchFile, cflags, include_dir,
                                   RECORD)
 
