@@ -31,6 +31,8 @@ from dataclasses import dataclass
 
 from . import editions as ed
 from . import harness, loader, placement, trampoline, x86writer
+from .constants import (EEXIST, MAP_FIXED_NOREPLACE, MAP_PRIVATE, MFD_CLOEXEC, PROT_EXEC, PROT_READ,
+                        page_up, syscall_failed)
 from .errors import (BuildIdMismatch, HotpatchError, PatchMismatch, RemoteError, TargetGone,
                      TrampolineError)
 from .maps import read_maps
@@ -39,10 +41,6 @@ from .symbols import Symbol
 from .tracer import Injector
 from .transition import APPLY, AttemptResult, Transition, unmap_regions
 
-PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
-MAP_PRIVATE, MAP_FIXED_NOREPLACE = 0x02, 0x100000
-MFD_CLOEXEC = 1
-EEXIST = 17
 STUB_SLOT = 128  # per function: far jump (14) + call-original stub (bounded below)
 
 
@@ -159,7 +157,7 @@ class PatchCycle:
         clusters = placement.cluster([s.sym.addr for s in self.switches]) or [[0]]
         main = max(clusters, key=len)
         self.record_size = ed.record_size(nfuncs)
-        image_size = placement.page_up(hi - lo)
+        image_size = page_up(hi - lo)
         stub_size = self._stub_area(nfuncs)
         self.regions = [Region(ed.region_name(self.edition_id, self.patch.name),
                                self.record_size + image_size + stub_size, main)]
@@ -172,7 +170,7 @@ class PatchCycle:
     @staticmethod
     def _stub_area(nfuncs: int) -> int:
         # two slots a function: a far jump and a call-original stub
-        return placement.page_up(2 * STUB_SLOT * max(1, nfuncs))
+        return page_up(2 * STUB_SLOT * max(1, nfuncs))
 
     def _map_regions(self) -> None:
         with Injector(self.pid, self.mem) as inj:
@@ -197,7 +195,7 @@ class PatchCycle:
                 addr = inj("mmap", hint, region.size, PROT_READ, flags, fd, 0)
                 if addr == -EEXIST:
                     continue  # raced with the target's own mmap; next gap
-                if -4096 < addr < 0:
+                if syscall_failed(addr):
                     raise RemoteError(f"mmap in process {self.pid} failed: {os.strerror(-addr)}")
                 if hint and addr != hint:  # old kernel without NOREPLACE: a mere hint
                     inj("munmap", addr, region.size)

@@ -31,13 +31,27 @@ import re
 import struct
 from dataclasses import asdict, dataclass, field
 
+from .constants import page_up
 from .errors import HotpatchError
 from .maps import Mapping
 from .memory import RemoteMemory
 
 MAGIC_PREFIX = b"KSPLICEPY-REC"
 MAGIC = MAGIC_PREFIX + b"\x00\x02\x00"  # \x02: layout version
-HEADER = struct.Struct("<16s16sddQQdd")
+# The fixed header, field by field (the layout above); its offsets come from here.
+_HEADER_FIELDS = (("magic", "16s"), ("state", "16s"), ("pause_us", "d"), ("applied_at", "d"),
+                  ("attempts", "Q"), ("json_len", "Q"), ("longest_pause_us", "d"), ("stopped_us", "d"))
+HEADER = struct.Struct("<" + "".join(fmt for _, fmt in _HEADER_FIELDS))
+
+
+def _field(name: str) -> tuple[int, int]:
+    """(offset, size) of one header field."""
+    names = [n for n, _ in _HEADER_FIELDS]
+    before = "".join(fmt for _, fmt in _HEADER_FIELDS[:names.index(name)])
+    return struct.calcsize("<" + before), struct.calcsize("<" + _HEADER_FIELDS[names.index(name)][1])
+
+
+STATE_OFFSET, STATE_SIZE = _field("state")
 PREFIX = "ksplice_py:ed"
 _NAME_RE = re.compile(r"^/memfd:ksplice_py:ed(\d+)(:stubs)?(?::(.*?))?(?: \(deleted\))?$")
 
@@ -105,13 +119,13 @@ class Edition:
 
     def state_bytes(self, state: str) -> tuple[int, bytes]:
         """(address, bytes) that set the record's state: one 16-byte write."""
-        return self.record_addr + 16, state.encode().ljust(16, b"\0")
+        return self.record_addr + STATE_OFFSET, state.encode().ljust(STATE_SIZE, b"\0")
 
 
 def record_size(nfuncs: int) -> int:
     """Bytes to reserve for a record of nfuncs functions (page multiple)."""
     need = HEADER.size + 1024 + 640 * nfuncs
-    return (need + 4095) & ~4095
+    return page_up(need)
 
 
 def region_name(edition_id: int, patch_name: str, stubs: bool = False) -> str:

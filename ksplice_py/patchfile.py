@@ -22,10 +22,9 @@ from elftools.elf.sections import SymbolTableSection
 
 from . import resources
 
+from .constants import PROT_EXEC, PROT_READ, PROT_WRITE, page_down, page_up
 from .errors import BadPatchFile, HotpatchError, UnsupportedPatch
 
-PAGE = 4096
-PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
 MAX_SPAN = 256 << 20  # a patch is a few functions; refuse absurd (fuzzed) sizes
 MAX_STRING = 4096
 MAX_INIT_ARRAY = 1 << 16  # bytes of DT_INIT_ARRAY & co. we walk (8192 entries)
@@ -223,14 +222,6 @@ _TARGET_CHARS = set(string.printable) - set(string.whitespace)
 _HEX = set("0123456789abcdef")
 
 
-def _page_down(x: int) -> int:
-    return x & ~(PAGE - 1)
-
-
-def _page_up(x: int) -> int:
-    return (x + PAGE - 1) & ~(PAGE - 1)
-
-
 @dataclass(frozen=True)
 class _Sym:
     name: str
@@ -360,13 +351,13 @@ class _Parser:
         for a, b in zip(segs, segs[1:]):
             if a.vaddr + a.memsz > b.vaddr:
                 raise self.bad(f"overlapping segments at 0x{a.vaddr:x} and 0x{b.vaddr:x}")
-        lo, hi = _page_down(segs[0].vaddr), _page_up(segs[-1].vaddr + segs[-1].memsz)
+        lo, hi = page_down(segs[0].vaddr), page_up(segs[-1].vaddr + segs[-1].memsz)
         if hi - lo > MAX_SPAN:
             raise self.bad(f"segments span {hi - lo} bytes; a patch must be smaller than {MAX_SPAN}")
         self.segments, self.span = segs, (lo, hi)
         for vaddr, size in raw_relro:
             # ld.so (_dl_protect_relro): both ends rounded *down* to a page.
-            start, end = _page_down(vaddr), _page_down(vaddr + size)
+            start, end = page_down(vaddr), page_down(vaddr + size)
             start, end = max(start, lo), min(end, hi)
             if end > start:
                 self.relro.append((start, end - start))

@@ -9,9 +9,22 @@ module decides *which* code counts and explains, afterwards, who blocked.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import IntEnum
 from typing import Callable, Iterable
 
-SAFE, IN_RIP, ON_STACK, STACK_UNKNOWN, NOT_STOPPED = 0, 1, 2, 3, 4
+from .native import header_constants
+
+_KP = header_constants()
+
+
+class Verdict(IntEnum):
+    """A thread's verdict, as kp_scan writes it (defined in kp_native.h)."""
+
+    SAFE = _KP["KP_SAFE"]
+    IN_RIP = _KP["KP_IN_RIP"]
+    ON_STACK = _KP["KP_ON_STACK"]
+    STACK_UNKNOWN = _KP["KP_STACK_UNKNOWN"]
+    NOT_STOPPED = _KP["KP_NOT_STOPPED"]
 
 
 @dataclass(frozen=True)
@@ -81,12 +94,12 @@ def thread_name(pid: int, tid: int) -> str:
 def blocker(pid: int, tid: int, verdict: int, value: int, ranges: list[CodeRange],
             symbolize: Callable[[int], str], backtrace: Iterable[int] = ()) -> Blocker:
     owner = next((r.name for r in ranges if r.start <= value < r.end), None)
-    where = symbolize(value) if verdict in (IN_RIP, ON_STACK) else None
-    if verdict == IN_RIP:
+    where = symbolize(value) if verdict in (Verdict.IN_RIP, Verdict.ON_STACK) else None
+    if verdict == Verdict.IN_RIP:
         reason = f"is executing {where} (in {owner})"
-    elif verdict == ON_STACK:
+    elif verdict == Verdict.ON_STACK:
         reason = f"has a return address into {owner} on its stack ({where})"
-    elif verdict == STACK_UNKNOWN:
+    elif verdict == Verdict.STACK_UNKNOWN:
         reason = "has a stack outside any known mapping"
     else:
         reason = "did not stop in time (uninterruptible sleep?)"

@@ -20,7 +20,7 @@ from . import editions as ed
 from . import harness, quiescence
 from .errors import HotpatchError, NotQuiescent, PatchMismatch, RemoteError
 from .maps import read_maps
-from .quiescence import Blocker, CodeRange
+from .quiescence import Blocker, CodeRange, Verdict
 from .tracer import Injector, World
 from .unwind import Unwinder
 
@@ -226,7 +226,7 @@ class Transition:
             late = world.stop(STOP_TIMEOUT)
             with realtime():  # from here on, nothing of the target should run
                 unsafe = world.scan(lo_hi, maps) if not late else 0
-                if unsafe and any(t.unsafe == quiescence.STACK_UNKNOWN for t in world.threads()):
+                if unsafe and any(t.unsafe == Verdict.STACK_UNKNOWN for t in world.threads()):
                     unsafe = world.scan(lo_hi, read_maps(self.pid))
                 if unsafe and self.unwinder is not None:
                     unsafe -= self._precise(world)
@@ -253,13 +253,13 @@ class Transition:
         A thread whose rip is in busy code is never dismissed."""
         dismissed = 0
         for t in world.threads():
-            if t.unsafe not in (quiescence.IN_RIP, quiescence.ON_STACK):
+            if t.unsafe not in (Verdict.IN_RIP, Verdict.ON_STACK):
                 continue
             frames, complete = self.unwinder.unwind({k: getattr(t.regs, k) for k in REG_NAMES}, 64)
             pcs = [f.pc for f in frames]
             self._backtraces[t.tid] = pcs
-            if t.unsafe == quiescence.ON_STACK and complete and quiescence.frames_are_safe(pcs, self.ranges):
-                t.unsafe = quiescence.SAFE
+            if t.unsafe == Verdict.ON_STACK and complete and quiescence.frames_are_safe(pcs, self.ranges):
+                t.unsafe = Verdict.SAFE
                 dismissed += 1
         return dismissed
 
@@ -305,7 +305,7 @@ class Transition:
         out = [quiescence.blocker(self.pid, tid, v, val, self.ranges, self.proc.symbolize,
                                   self._backtraces.get(tid, ()))
                for tid, v, val in verdicts]
-        out += [quiescence.blocker(self.pid, tid, quiescence.NOT_STOPPED, 0, self.ranges, self.proc.symbolize)
+        out += [quiescence.blocker(self.pid, tid, Verdict.NOT_STOPPED, 0, self.ranges, self.proc.symbolize)
                 for tid in late]
         return out
 

@@ -339,10 +339,10 @@ def test_sigkill_during_revert(fg_target):
 
 BORROW_AND_DIE = r"""
 import struct, sys
-from ksplice_py import tracer
+from ksplice_py import constants, tracer
 from ksplice_py.memory import RemoteMemory
 pid, tid, fifo = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
-tracer.SYS.update(open=2, read=0)
+constants.SYSCALLS.update(open=2, read=0)
 mem = RemoteMemory(pid)
 inj = tracer.Injector(pid, mem, tid).__enter__()
 assert inj.tid == tid
