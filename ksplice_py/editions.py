@@ -19,9 +19,9 @@ Record layout (little-endian), at the region's start:
     80   .. JSON: everything fixed at prepare/apply time
 
 The JSON is written once, before any trampoline can point at the region;
-states then move prepared -> switching -> applied (-> reverting), each a
-16-byte write. See cycle.py for the order of writes that makes a crash at any
-instant recoverable.
+states then move as lifecycle.py allows (prepared -> switching -> applied
+-> reverting), each a 16-byte write. See cycle.py for the order of writes
+that makes a crash at any instant recoverable.
 """
 from __future__ import annotations
 
@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass, field
 
 from .constants import page_up
 from .errors import HotpatchError
+from .lifecycle import MOVES, State
 from .maps import Mapping
 from .memory import RemoteMemory
 
@@ -55,9 +56,6 @@ STATE_OFFSET, STATE_SIZE = _field("state")
 PREFIX = "ksplice_py:ed"
 _NAME_RE = re.compile(r"^/memfd:ksplice_py:ed(\d+)(:stubs)?(?::(.*?))?(?: \(deleted\))?$")
 
-# States: preparing -> prepared -> switching -> applied (-> reverting), or
-# "unreadable" (a record another version wrote; see list_editions).
-
 
 @dataclass
 class FunctionSwitch:
@@ -77,7 +75,7 @@ class Edition:
     id: int
     patch: str
     sha256: str
-    state: str = "preparing"
+    state: State = State.PREPARING
     functions: list[FunctionSwitch] = field(default_factory=list)
     regions: list[tuple[int, int]] = field(default_factory=list)  # (start, size)
     pins: dict[str, str] = field(default_factory=dict)
@@ -117,7 +115,18 @@ class Edition:
             self.attempts, len(self.body()), self.longest_pause_us or 0.0, self.stopped_us or 0.0,
         )
 
-    def state_bytes(self, state: str) -> tuple[int, bytes]:
+    def move(self, to: State) -> None:
+        """Take one move of the lifecycle (staying put is no move)."""
+        if to != self.state and to not in MOVES[self.state]:
+            raise HotpatchError(f"edition {self.id} is {self.state}; it cannot become {to}")
+        self.state = to
+
+    def move_to(self, to: State) -> tuple[int, bytes]:
+        """Take the move and return the write that records it in the target."""
+        self.move(to)
+        return self.state_bytes(to)
+
+    def state_bytes(self, state: State) -> tuple[int, bytes]:
         """(address, bytes) that set the record's state: one 16-byte write."""
         return self.record_addr + STATE_OFFSET, state.encode().ljust(STATE_SIZE, b"\0")
 
@@ -158,7 +167,7 @@ def read_edition(mem: RemoteMemory, start: int) -> Edition | None:
         ed = Edition(**d)
     except (ValueError, TypeError, KeyError, struct.error):
         return None
-    ed.state = state.rstrip(b"\0").decode(errors="replace")
+    ed.state = State.parse(state.rstrip(b"\0").decode(errors="replace"))
     ed.pause_us = pause or None
     ed.applied_at = applied or None
     ed.attempts = attempts
@@ -182,7 +191,7 @@ def may_be_live(mem: RemoteMemory, start: int) -> bool:
     if not head.startswith(MAGIC_PREFIX):
         return False
     magic, state = HEADER.unpack(head)[:2]
-    return not (magic == MAGIC and state.rstrip(b"\0") == b"preparing")
+    return not (magic == MAGIC and state.rstrip(b"\0") == State.PREPARING.encode())
 
 
 def list_editions(mem: RemoteMemory, maps: list[Mapping]) -> tuple[list[Edition], list[int]]:
@@ -202,7 +211,7 @@ def list_editions(mem: RemoteMemory, maps: list[Mapping]) -> tuple[list[Edition]
         elif primary and may_be_live(mem, primary[0].start):
             hit = _NAME_RE.match(primary[0].path)
             editions.append(Edition(id=eid, patch=(hit and hit.group(3)) or "?", sha256="",
-                                    state="unreadable",
+                                    state=State.UNREADABLE,
                                     regions=[(m.start, m.end - m.start) for m in ms]))
         else:
             orphans.append(eid)

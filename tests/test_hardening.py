@@ -441,13 +441,13 @@ def test_pid_reuse_mid_cycle_never_touches_the_other_process(workers, mul3):
     """Identity lost after prepare: nothing more is written, not even the
     abort's munmap (that memory belongs to whoever has the pid now). Here it
     is really the same process, so `recover` then removes the leftover."""
-    from ksplice_py.process import _GuardedCycle
+    from ksplice_py.cycle import PatchCycle
     with ksplice_py.attach(workers.pid) as proc:
-        cycle = _GuardedCycle(proc, trust.load_patch(mul3))
+        cycle = PatchCycle(proc.target, trust.load_patch(mul3))
         cycle.prepare()
         proc.handle.start_time += 1
         with pytest.raises(PidReused):
-            cycle.apply()
+            cycle.link()
         cycle.abort()
         assert any("ksplice_py:ed" in line for line in maps_lines(workers.pid)), \
             "abort must not unmap in a process that is not ours"
