@@ -1,6 +1,6 @@
 """`hotpatch`: a thin layer that parses, calls the library, and prints.
 
-Exit codes (design.md): 0 done, 2 bad usage/input, 3 no safe moment,
+Exit codes (docs/design.md): 0 done, 2 bad usage/input, 3 no safe moment,
 4 patch does not fit, 1 anything else. Errors are one line on stderr.
 
 Hardening (docs/security.md): patch files are read once through trust.py
@@ -142,7 +142,7 @@ def _patch(a) -> PatchFile:
 
 def _attach(a) -> Process:
     proc = attach(_pid(a.pid))
-    a.audit.target(proc)
+    a.audit.target(proc.target)
     return proc
 
 
@@ -165,7 +165,7 @@ def do_apply(a) -> tuple[dict, str]:
     return e.to_dict() | {"pid": int(a.pid)}, text
 
 
-def do_check(a) -> tuple[dict, str]:
+def do_check(a) -> tuple[dict, str] | tuple[dict, str, int]:
     patch = _patch(a)
     with _attach(a) as proc:
         r = proc.check(patch, harnesses=_choice(a))

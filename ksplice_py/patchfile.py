@@ -170,15 +170,6 @@ class PatchFile:
     needed: list[str] = field(default_factory=list)  # DT_NEEDED, informative
 
     @classmethod
-    def load(cls, path: str) -> "PatchFile":
-        try:
-            with open(path, "rb") as f:
-                data = f.read()
-        except OSError as e:
-            raise BadPatchFile(f"cannot read patch {path}: {e.strerror or e}") from None
-        return cls.from_bytes(data, str(path))
-
-    @classmethod
     def from_bytes(cls, data: bytes, name: str) -> "PatchFile":
         try:
             return _Parser(bytes(data), name).parse()

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import errno
 import os
-from dataclasses import dataclass
 
 from . import native
 from .constants import (ERESTART_RESTARTBLOCK, ERESTARTNOHAND, ERESTARTNOINTR, ERESTARTSYS, MAP_ANONYMOUS,
@@ -25,16 +24,6 @@ from .identity import status_field
 from .maps import Mapping
 
 MAX_THREADS = 1 << 20
-
-
-@dataclass(frozen=True)
-class ThreadState:
-    """A stopped thread, copied out of the C array for reporting."""
-
-    tid: int
-    rip: int
-    rsp: int
-    regs: dict[str, int]
 
 
 def list_tids(pid: int) -> list[int]:
