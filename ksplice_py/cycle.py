@@ -318,10 +318,10 @@ class PatchCycle:
     def abort(self) -> None:
         """Before cutover: unmap what prepare mapped; the target is as before.
         Never into whoever has the pid now: that memory went with our process."""
-        if self._mapped and self.target.same_process():
+        if self._mapped:
             try:
                 operations.abort(self.target, [(r.start, r.size) for r in self.regions])
-            except TargetGone:
+            except TargetGone:  # PidReused too: that memory is not ours to unmap
                 pass
         self._mapped = False
 

@@ -58,6 +58,7 @@ def revert(target: Target, edition: ed.Edition, timeout: float) -> Transition:
 def abort(target: Target, regions: list[tuple[int, int]]) -> None:
     """Before any cutover: unmap an edition's memory (and with it, its
     record); the target is exactly as before it was prepared."""
+    target.verify("aborting")  # that memory went with our process: never unmap in another
     unmap_regions(target, regions)
 
 

@@ -11,6 +11,7 @@ import os
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Callable
 
 from . import editions as ed
 from . import operations, trust
@@ -132,32 +133,29 @@ class Process:
 
     def cutover(self, edition_id: int | None = None, timeout: float = 5.0) -> ed.Edition:
         """Switch a prepared edition (the newest prepared one by default)."""
-        with self._locked("switching"):
-            operations.recover(self.target)
-            e = operations.find(self.target, edition_id, State.PREPARED)
-            operations.cutover(self.target, e, timeout)
-        self.verify("switching")
-        return e
+        return self._on_edition(edition_id, State.PREPARED, "switching",
+                                lambda e: operations.cutover(self.target, e, timeout))
 
     def abort(self, edition_id: int | None = None) -> ed.Edition:
         """Discard a prepared edition; its memory leaves the target."""
-        with self._locked("aborting"):
-            operations.recover(self.target)
-            e = operations.find(self.target, edition_id, State.PREPARED)
-            self.verify("aborting")
-            operations.abort(self.target, e.regions)
-        self.verify("aborting")
-        return e
+        return self._on_edition(edition_id, State.PREPARED, "aborting",
+                                lambda e: operations.abort(self.target, e.regions))
 
     def revert(self, edition_id: int | None = None, timeout: float = 5.0) -> ed.Edition:
         """Undo an applied edition (the newest by default): a cutover in
         reverse, quiescence checked against the new code, then its memory
         is freed. Refused while a newer edition replaces the same functions."""
-        with self._locked("reverting"):
+        return self._on_edition(edition_id, State.APPLIED, "reverting",
+                                lambda e: operations.revert(self.target, e, timeout))
+
+    def _on_edition(self, edition_id: int | None, state: State, doing: str,
+                    act: Callable[[ed.Edition], object]) -> ed.Edition:
+        """Lock, recover, find the edition (which must be in ``state``), act."""
+        with self._locked(doing):
             operations.recover(self.target)
-            e = operations.find(self.target, edition_id, State.APPLIED)
-            operations.revert(self.target, e, timeout)
-        self.verify("reverting")
+            e = operations.find(self.target, edition_id, state)
+            act(e)
+        self.verify(doing)
         return e
 
     def recover(self, timeout: float = 5.0) -> list[str]:
