@@ -65,20 +65,6 @@ def sleep_backoff(attempt: int, remaining: float) -> None:
     time.sleep(max(0.0, min(delay, remaining)))
 
 
-def jmp_target(addr: int, code: bytes) -> int | None:
-    """Destination of a ``jmp rel32`` at addr, if code starts with one."""
-    if len(code) >= 5 and code[0] == 0xE9:
-        return addr + 5 + int.from_bytes(code[1:5], "little", signed=True)
-    return None
-
-
-def owner_edition(addr: int, editions: list[ed.Edition]) -> ed.Edition | None:
-    for e in editions:
-        if any(start <= addr < start + size for start, size in e.regions):
-            return e
-    return None
-
-
 class Transition:
     """Switch ``edition`` in (Direction.PATCH) or out (Direction.UNPATCH)."""
 
@@ -111,7 +97,7 @@ class Transition:
             have = self.mem.read(f.addr, len(want))
             if have == want:
                 continue
-            newer = owner_edition(jmp_target(f.addr, have) or -1, others)
+            newer = quiescence.redirected_to(f.addr, have, others)
             if self.direction is Direction.UNPATCH and newer:
                 raise PatchMismatch(
                     f"edition {newer.id} ({newer.patch}) replaced {f.symbol} after edition "
@@ -126,24 +112,8 @@ class Transition:
 
     def _busy_ranges(self, others: list[ed.Edition]) -> list[CodeRange]:
         if self.direction is Direction.PATCH:
-            old = [CodeRange(f.addr, f.addr + max(f.size, len(bytes.fromhex(f.old_bytes))), f.symbol)
-                   for f in self.functions]
-            old += [c for f in self.functions for c in self._split_parts(f)]
-            # Stacking: a function already redirected retires that earlier
-            # edition's code too. We do not record each new function's size,
-            # so its whole region counts: conservative, never unsafe.
-            retired = []
-            for f in self.functions:
-                below = owner_edition(jmp_target(f.addr, bytes.fromhex(f.old_bytes)) or -1, others)
-                if below:
-                    retired += [CodeRange(s, s + n, f"edition {below.id}") for s, n in below.regions]
-            return quiescence.busy_ranges(old, retired)
-        # Revert: the edition's memory is unmapped afterwards, so no thread may
-        # be anywhere in it; nor inside a trampoline being rewritten.
-        windows = [CodeRange(f.addr, f.addr + len(bytes.fromhex(f.new_bytes)), f.symbol)
-                   for f in self.functions]
-        regions = [CodeRange(s, s + n, f"edition {self.edition.id}") for s, n in self.edition.regions]
-        return quiescence.busy_ranges(windows, regions)
+            return quiescence.patch_ranges(self.functions, others, self._split_parts)
+        return quiescence.unpatch_ranges(self.edition, self.functions)
 
     def _split_parts(self, f: ed.FunctionSwitch) -> list[CodeRange]:
         """gcc moves unlikely code to ``name.cold``: a thread there is inside
