@@ -186,8 +186,10 @@ class Transition:
 
     def try_complete(self, write: bool) -> AttemptResult:
         """One attempt: stop every thread, check, write if safe, release.
-        Between stop and release only C runs (and a maps re-read in the rare
-        case of a thread stack born after we read them)."""
+        Between stop and release the stop, scan, writes and release are C;
+        Python runs only a maps re-read (a thread stack born after we read
+        them), the DWARF unwinding of flagged threads (once an attempt was
+        blocked) and harness checks."""
         maps = read_maps(self.pid)
         world = World(self.pid).seize()
         lo_hi = [(r.start, r.end) for r in self.ranges]
