@@ -16,6 +16,7 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from elftools.elf.dynamic import DynamicSegment
 from elftools.elf.elffile import ELFFile
 from elftools.elf.enums import ENUM_RELOC_TYPE_x64
 from elftools.elf.sections import SymbolTableSection
@@ -244,6 +245,18 @@ class _Parser:
         self.data = data
         self.name = name
         self.short = Path(name).name or name
+        # Filled in by parse(), one step after the other, in this order:
+        self.elf: ELFFile | None = None
+        self.segments: list[Segment] = []
+        self.span = (0, 0)
+        self.relro: list[tuple[int, int]] = []
+        self.dynamic: DynamicSegment | None = None
+        self.tags: dict[str, list[int]] = {}
+        self.needed: list[str] = []
+        self.dynsym: list[_Sym] = []
+        self.symtab_names: dict[int, str] = {}
+        self.relocs: list[Reloc] = []
+        self.reloc_at: dict[int, Reloc] = {}
 
     # -- errors --
     def bad(self, what: str) -> BadPatchFile:
@@ -373,8 +386,7 @@ class _Parser:
 
     # -- dynamic section --
     def read_dynamic(self) -> None:
-        self.tags: dict[str, list[int]] = {}
-        self.needed: list[str] = []
+        self.tags, self.needed = {}, []
         for tag in self.dynamic.iter_tags():
             t = tag.entry.d_tag
             if t == "DT_NULL":
