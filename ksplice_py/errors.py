@@ -19,10 +19,12 @@ class HotpatchError(Exception):
     """Base class. ``str(err)`` is the one line the CLI prints."""
 
     exit_code = 1
+    facts: tuple[str, ...] = ()  # the attributes to_dict() reports
 
     def to_dict(self) -> dict:
         """The structured facts of this error, for machine-readable output."""
-        return {}
+        values = ((k, getattr(self, k)) for k in self.facts)
+        return {k: v for k, v in values if v not in (None, "")}
 
 
 # --- exit 2: bad usage or bad input -------------------------------------
@@ -76,32 +78,30 @@ class PatchMismatch(HotpatchError):
 
 
 class SymbolNotFound(PatchMismatch):
+    facts = ("symbol", "object", "version")
+
     def __init__(self, message: str, symbol: str | None = None, object: str | None = None,
                  version: str | None = None) -> None:
         super().__init__(message)
         self.symbol, self.object, self.version = symbol, object, version
 
-    def to_dict(self) -> dict:
-        return {k: v for k, v in (("symbol", self.symbol), ("object", self.object),
-                                  ("version", self.version)) if v is not None}
-
 
 class AmbiguousSymbol(PatchMismatch):
+    facts = ("symbol", "candidates")
+
     def __init__(self, message: str, symbol: str, candidates: Sequence[str] = ()) -> None:
         super().__init__(message)
         self.symbol, self.candidates = symbol, list(candidates)
 
-    def to_dict(self) -> dict:
-        return {"symbol": self.symbol, "candidates": self.candidates}
-
 
 class UnknownObject(PatchMismatch):
+    """No object of that name is mapped; ``available`` lists those that are."""
+
+    facts = ("object", "available")
+
     def __init__(self, message: str, object: str, available: Sequence[str] = ()) -> None:
         super().__init__(message)
         self.object, self.available = object, list(available)
-
-    def to_dict(self) -> dict:
-        return {"object": self.object, "available": self.available}
 
 
 class BuildIdMismatch(PatchMismatch):
@@ -114,27 +114,22 @@ class TrampolineError(PatchMismatch):
     ``func`` names the function; ``insn_addr``/``text``/``reason`` the
     instruction that could not be relocated, when one is to blame."""
 
+    facts = ("func", "insn_addr", "text", "reason")
+
     def __init__(self, message: str, func: str | None = None, insn_addr: int | None = None,
                  text: str = "", reason: str = "") -> None:
         super().__init__(message)
         self.func, self.insn_addr, self.text, self.reason = func, insn_addr, text, reason
 
-    def to_dict(self) -> dict:
-        d: dict = {"func": self.func} if self.func else {}
-        if self.insn_addr is not None:
-            d |= {"insn_addr": self.insn_addr, "text": self.text, "reason": self.reason}
-        return d
-
 
 class UnsupportedPatch(PatchMismatch):
     """The patch uses something the loader refuses (TLS, constructors, reloc type)."""
 
+    facts = ("symbol",)
+
     def __init__(self, message: str, symbol: str | None = None) -> None:
         super().__init__(message)
         self.symbol = symbol
-
-    def to_dict(self) -> dict:
-        return {"symbol": self.symbol} if self.symbol else {}
 
 
 # --- exit 1: anything else ----------------------------------------------
