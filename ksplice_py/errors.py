@@ -9,10 +9,14 @@ error line.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from typing import Protocol, Sequence
 
-if TYPE_CHECKING:
-    from .quiescence import Blocker
+
+class Reportable(Protocol):
+    """What NotQuiescent needs of a blocker (quiescence.Blocker): errors.py
+    stays the bottom layer."""
+
+    def to_dict(self) -> dict: ...
 
 
 class HotpatchError(Exception):
@@ -63,7 +67,7 @@ class NotQuiescent(HotpatchError):
 
     exit_code = 3
 
-    def __init__(self, message: str, blockers: Sequence[Blocker] = (), attempts: int = 0) -> None:
+    def __init__(self, message: str, blockers: Sequence[Reportable] = (), attempts: int = 0) -> None:
         super().__init__(message)
         self.blockers = list(blockers)  # the threads that blocked the last attempt
         self.attempts = attempts
