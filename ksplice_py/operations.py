@@ -11,7 +11,7 @@ from . import editions as ed
 from .errors import BadInput, RemoteError
 from .lifecycle import Direction, State
 from .target import Target
-from .transition import Transition, unmap_regions
+from .transition import Transition
 
 
 def find(target: Target, edition_id: int | None, state: State) -> ed.Edition:
@@ -66,6 +66,18 @@ def cleanup(target: Target, edition: ed.Edition) -> None:
     """After a revert: no trampoline points into the edition any more;
     unmap its memory (the record goes with it)."""
     unmap_regions(target, edition.regions)
+
+
+def unmap_regions(target: Target, regions: list[tuple[int, int]]) -> None:
+    """Remove an edition's memory (and with it, its record). The injector
+    page stays: creating and removing it are the only moments a killed tool
+    could hurt the target, so that happens once per process lifetime, not
+    once per cycle (the crash-safety loop found SIGSEGVs when it went with
+    the last edition)."""
+    with target.injector() as inj:
+        for start, size in regions:
+            if start:
+                inj("munmap", start, size)
 
 
 # -- recovery ------------------------------------------------------------------

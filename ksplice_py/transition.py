@@ -298,14 +298,3 @@ class Transition:
             e.applied_at = time.time()
             self.mem.write(e.record_addr, e.header())
 
-
-def unmap_regions(target: Target, regions: list[tuple[int, int]]) -> None:
-    """Remove an edition's memory (and with it, its record). The injector
-    page stays: creating and removing it are the only moments a killed tool
-    could hurt the target, so that happens once per process lifetime, not
-    once per cycle (the crash-safety loop found SIGSEGVs when it went with
-    the last edition)."""
-    with target.injector() as inj:
-        for start, size in regions:
-            if start:
-                inj("munmap", start, size)
