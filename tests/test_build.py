@@ -234,7 +234,7 @@ def test_shared_library(tmp_path):
                       "--object", "libfoo.so", "-o", out, "--json", timeout=300)
     assert_ok(cp)
     assert json.loads(cp.stdout)["object"] == "libfoo.so"
-    d = PatchFile.load(str(out))
+    d = PatchFile.from_bytes(Path(out).read_bytes(), str(out))
     assert [r.target for r in d.replacements] == ["libfoo.so:foo_add"]
     assert [s.target for s in d.symbol_refs] == ["libfoo.so:shared_total"]
     p = Prog(root / "prog")
@@ -312,7 +312,7 @@ def test_bind32_is_range_checked_and_validated(tree, tmp_path):
     """The loader refuses a bind whose target is beyond +-2 GiB; the parser
     refuses a bind place that a dynamic relocation also writes."""
     patch, _ = built(tree, "statics.diff", tmp_path)
-    p = PatchFile.load(str(patch))
+    p = PatchFile.from_bytes(Path(patch).read_bytes(), str(patch))
     assert p.binds
     targets = {b.target: 0x7F0000000000 for b in p.binds}
     img = loader.link(p, 0x7F0000100000, lambda imp: 0x7F0000200000, targets)

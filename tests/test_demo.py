@@ -177,7 +177,8 @@ def test_generated_fix_under_load_loses_nothing(art, stack, tmp_path, patch):
     under checked load, like the hand-written one: no query lost or wrong."""
     if patch == "fix_parse" and art.build_report is not None:
         assert [r["function"] for r in art.build_report["replaced"]] == ["parse_qname"]
-    assert PatchFile.load(str(art.patches["fix_parse"])).pins[0].object == "main"
+    generated = art.patches["fix_parse"]
+    assert PatchFile.from_bytes(generated.read_bytes(), str(generated)).pins[0].object == "main"
     up = _upstream(stack, delay=0.001)
     srv = _server(art, stack, up.port, workers=3)
     out = tmp_path / "load.json"
