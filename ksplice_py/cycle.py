@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass
 
 from . import editions as ed
-from . import harness, loader, placement, trampoline, x86writer
+from . import harness, interrupts, loader, placement, trampoline, x86writer
 from .errors import (BuildIdMismatch, HotpatchError, PatchMismatch, RemoteError, TargetGone,
                      TrampolineError)
 from .maps import read_maps
@@ -102,8 +102,8 @@ class PatchCycle:
         self.edition: ed.Edition | None = None
         self.image: loader.LinkedImage | None = None
         self.attempts = 0
+        self.transition: Transition | None = None
         self._mapped = False
-        self._switched = False
 
     # -- prepare --------------------------------------------------------------
     def prepare(self) -> None:
@@ -131,8 +131,8 @@ class PatchCycle:
             {sw.sym.object: self.proc.symbols.build_id(sw.sym.object) for sw in self.switches})
         self._plan_regions()
         self._map_regions()
-        self.edition = ed.Edition(
-            id=self.edition_id, patch=self.patch.name, sha256=self.patch.sha256,
+        self.edition = ed.Edition(  # the absolute path: how every audit record names it
+            id=self.edition_id, patch=os.path.abspath(self.patch.name), sha256=self.patch.sha256,
             regions=[(r.start, r.size) for r in self.regions],
             pins={p.object: p.build_id for p in self.patch.pins}, prepared_at=time.time(),
             staged=self.staged, harnesses=[h.name for h in chosen])
@@ -161,7 +161,7 @@ class PatchCycle:
         self.record_size = ed.record_size(nfuncs)
         image_size = placement.page_up(hi - lo)
         stub_size = self._stub_area(nfuncs)
-        self.regions = [Region(ed.region_name(self.edition_id, self.patch.name),
+        self.regions = [Region(ed.region_name(self.edition_id, os.path.basename(self.patch.name)),
                                self.record_size + image_size + stub_size, main)]
         for c in clusters:
             if c is not main:
@@ -290,7 +290,6 @@ class PatchCycle:
             self.transition.start(timeout)
         finally:
             self.attempts = self.transition.attempts
-        self._switched = True
         return self.edition
 
     # -- check / abort --------------------------------------------------------
@@ -317,6 +316,8 @@ class PatchCycle:
             return self.cutover(timeout)
         except BaseException:
             # Any failure before the switch (including Ctrl-C/SIGTERM): undo.
-            if not self._switched:
-                self.abort()
+            # After it, the new code is live: never unmap it.
+            if not (self.transition and self.transition.switched):
+                with interrupts.held():  # a second Ctrl-C must not cut the undo short
+                    self.abort()
             raise

@@ -76,6 +76,11 @@ class Edition:
     # Blocked attempts stop the world too: what the target really felt.
     longest_pause_us: float | None = None
     stopped_us: float | None = None
+    # Known to this invocation only, never in the target's record:
+    reverted_at: float | None = None  # unix time of the revert (pause_us stays the apply's)
+    revert_pause_us: float | None = None  # the stop that switched it back
+    already_applied: bool = False  # apply found this content applied: nothing was done
+    orphaned: bool = False  # left half-way by a tool that was killed (see mark_orphans)
 
     @property
     def record_addr(self) -> int:
@@ -93,7 +98,7 @@ class Edition:
     # -- record encoding --------------------------------------------------
     def body(self) -> bytes:
         d = asdict(self)
-        for k in ("state", "applied_at", "pause_us", "attempts", "longest_pause_us", "stopped_us"):
+        for k in _NOT_IN_BODY:
             d.pop(k)
         return json.dumps(d, separators=(",", ":")).encode()
 
@@ -106,6 +111,26 @@ class Edition:
     def state_bytes(self, state: str) -> tuple[int, bytes]:
         """(address, bytes) that set the record's state: one 16-byte write."""
         return self.record_addr + 16, state.encode().ljust(16, b"\0")
+
+
+# The header holds the first six (updated in place); the rest never reaches the target.
+_NOT_IN_BODY = ("state", "applied_at", "pause_us", "attempts", "longest_pause_us", "stopped_us",
+                "reverted_at", "revert_pause_us", "already_applied", "orphaned")
+# What a live tool passes through; found with no tool at work, a killed one left it.
+UNSTABLE = ("preparing", "switching", "reverting")
+
+
+def mark_orphans(editions: list[Edition]) -> None:
+    """Mark what a killed tool left half-way: an unstable state, or
+    ``prepared`` by an apply (not staged by `hotpatch prepare`). Call it
+    only while no other tool can be at work on the target (under its lock)."""
+    for e in editions:
+        e.orphaned = e.state in UNSTABLE or (e.state == "prepared" and not e.staged)
+
+
+def find_applied(editions: list[Edition], sha256: str) -> Edition | None:
+    """The applied edition with this content, if any (newest first)."""
+    return next((e for e in editions if e.sha256 == sha256 and e.state == "applied"), None)
 
 
 def record_size(nfuncs: int) -> int:

@@ -6,17 +6,17 @@
 """
 from __future__ import annotations
 
-import fcntl
 import os
-import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+from . import audit
 from . import editions as ed
 from . import trust
 from .cycle import HarnessChoice, PatchCycle
-from .errors import AccessDenied, BadInput, HotpatchError, RemoteError, TargetGone
+from .errors import BadInput, HotpatchError, Interrupted, RemoteError, TargetGone
 from .identity import TargetHandle, check_architecture
+from .locking import TargetLock
 from .maps import exe_path, read_maps
 from .memory import RemoteMemory
 from .patchfile import PatchFile
@@ -41,13 +41,6 @@ class CheckReport:
         return {"pid": self.pid, "patch": self.patch, "functions": self.functions,
                 "safe_now": self.safe_now, "blockers": [b.to_dict() for b in self.blockers],
                 "pause_us": round(self.pause_us, 1)}
-
-
-def _lock_dir() -> str:
-    for d in ("/run/lock", tempfile.gettempdir()):
-        if os.access(d, os.W_OK):
-            return d
-    return tempfile.gettempdir()
 
 
 class _GuardedCycle(PatchCycle):
@@ -80,9 +73,15 @@ class _GuardedCycle(PatchCycle):
 
 class Process:
     """A running target. Holds no ptrace attachment between operations, but
-    holds the process itself (a pidfd) from attach to close."""
+    holds the process itself (a pidfd) from attach to close.
 
-    def __init__(self, pid: int) -> None:
+    Every operation that changes the target leaves one audit record
+    (audit.py) in ``audit_log``: syslog plus the default persistent log
+    unless another AuditLog is given."""
+
+    def __init__(self, pid: int, audit_log: audit.AuditLog | None = None) -> None:
+        self._own_log = audit_log is None
+        self.audit_log = audit_log
         self.handle = TargetHandle(pid)  # first: from here on it is *this* process
         try:
             check_target(pid)
@@ -95,6 +94,8 @@ class Process:
             except HotpatchError:
                 pass  # not writable (read-only use): opened, and refused, when needed
             self.handle.verify()
+            if self.audit_log is None:  # opened before anything is changed
+                self.audit_log = audit.AuditLog.default()
         except BaseException:
             self.handle.close()
             raise
@@ -125,17 +126,40 @@ class Process:
 
     # -- operations -----------------------------------------------------------
     def apply(self, patch: str | PatchFile, timeout: float = 5.0,
-              harnesses: HarnessChoice | None = None) -> ed.Edition:
+              harnesses: HarnessChoice | None = None, again: bool = False) -> ed.Edition:
         """Run the whole cycle; raises NotQuiescent (target untouched) when
-        no safe moment came within ``timeout`` seconds."""
+        no safe moment came within ``timeout`` seconds.
+
+        Idempotent by content: when an edition with the same sha256 is
+        applied and still in force, nothing is done and that edition is
+        returned with ``already_applied`` set; ``again=True`` stacks
+        another copy deliberately."""
         patch = _load(patch)
-        with self._locked("applying the patch"):
+        with self._audited("apply", patch) as record, self._locked("applying the patch"):
             self._recover(timeout)
-            cycle = _GuardedCycle(self, patch, harnesses=harnesses)
-            edition = cycle.run(timeout)
-            edition.attempts = cycle.attempts
-        self.verify("applying")
+            edition = None if again else self.applied_edition(patch.sha256)
+            if edition is not None:
+                edition.already_applied = True
+            else:
+                cycle = _GuardedCycle(self, patch, harnesses=harnesses)
+                edition = cycle.run(timeout)
+                edition.attempts = cycle.attempts
+            record.edition_done(edition)
+            self.verify("applying")
         return edition
+
+    def applied_edition(self, sha256: str) -> ed.Edition | None:
+        """The applied edition with this content whose code is in force
+        (every trampoline still in place: not overridden by a newer edition),
+        or None."""
+        e = ed.find_applied(self.editions(), sha256)
+        if e is None:
+            return None
+        for f in e.functions:
+            new = bytes.fromhex(f.new_bytes)
+            if self.mem.read(f.addr, len(new)) != new:
+                return None
+        return e
 
     def check(self, patch: str | PatchFile, harnesses: HarnessChoice | None = None) -> CheckReport:
         """prepare + apply + finalize + one quiescence probe, then abort."""
@@ -159,7 +183,7 @@ class Process:
         """Stage a patch: mapped, linked, recorded as ``prepared``; the
         target keeps running the old code until ``cutover``."""
         patch = _load(patch)
-        with self._locked("preparing the patch"):
+        with self._audited("prepare", patch) as record, self._locked("preparing the patch"):
             self._recover()
             cycle = _GuardedCycle(self, patch, staged=True, harnesses=harnesses)
             try:
@@ -169,55 +193,66 @@ class Process:
             except BaseException:
                 cycle.abort()
                 raise
-        self.verify("preparing")
+            record.edition_done(cycle.edition)
+            self.verify("preparing")
         return cycle.edition
 
     def cutover(self, edition_id: int | None = None, timeout: float = 5.0) -> ed.Edition:
         """Switch a prepared edition (the newest prepared one by default)."""
-        with self._locked("switching"):
+        with self._audited("cutover") as record, self._locked("switching"):
             self._recover()
             e = self._pick(edition_id, "prepared")
+            record.edition_done(e)
             t = Transition(self, e, APPLY)
             self.verify("switching")
             t.start(timeout)
-        self.verify("switching")
+            record.edition_done(e)
+            self.verify("switching")
         return e
 
     def abort(self, edition_id: int | None = None) -> ed.Edition:
         """Discard a prepared edition; its memory leaves the target."""
-        with self._locked("aborting"):
+        with self._audited("abort") as record, self._locked("aborting"):
             self._recover()
             e = self._pick(edition_id, "prepared")
+            record.edition_done(e)
             self.verify("aborting")
             unmap_regions(self, e.regions)
-        self.verify("aborting")
+            self.verify("aborting")
         return e
 
     def revert(self, edition_id: int | None = None, timeout: float = 5.0) -> ed.Edition:
         """Undo an applied edition (the newest by default): a cutover in
         reverse, quiescence checked against the new code, then its memory
         is freed. Refused while a newer edition replaces the same functions."""
-        with self._locked("reverting"):
+        with self._audited("revert") as record, self._locked("reverting"):
             self._recover()
             e = self._pick(edition_id, "applied")
+            record.edition_done(e)
             t = Transition(self, e, REVERT)
             self.verify("reverting")
             t.start(timeout)
-        self.verify("reverting")
+            record.edition_done(e)
+            self.verify("reverting")
         return e
 
     def recover(self, timeout: float = 5.0) -> list[str]:
         """Finish or undo whatever an interrupted tool left behind."""
-        with self._locked("recovering"):
+        with self._audited("recover"), self._locked("recovering"):
             done = self._recover(timeout)
-        self.verify("recovering")
+            self.verify("recovering")
         return done
 
     def editions(self) -> list[ed.Edition]:
-        """Editions applied or prepared in the target, newest first."""
+        """Editions applied or prepared in the target, newest first. When
+        no other tool is at work on it, those a killed tool left half-way
+        are marked ``orphaned`` (``recover`` removes or finishes them)."""
         self.verify()
         eds = ed.list_editions(self.mem, read_maps(self.pid))[0]
         self.verify("reading its editions")  # what we read was this process's
+        if any(e.state in ed.UNSTABLE or e.state == "prepared" for e in eds) \
+                and not TargetLock(self.pid).busy():
+            ed.mark_orphans(eds)
         return eds
 
     def symbolize(self, addr: int) -> str:
@@ -293,23 +328,10 @@ class Process:
     # -- plumbing -------------------------------------------------------------
     @contextmanager
     def _locked(self, doing: str):
-        """One hotpatch at a time per target: two tools interleaving
-        trampoline writes could leave a mix. A failure caused by the target
-        dying under us (a short write, a failed injection) is reported as
-        what it is: TargetGone."""
-        path = os.path.join(_lock_dir(), f"ksplice_py.{self.pid}.lock")
-        # O_NOFOLLOW: the lock directory may be world-writable (sticky);
-        # root must not be led through someone's symlink.
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-        except OSError as e:
-            raise AccessDenied(f"cannot open the lock file {path}: {e.strerror}; remove it if stale") from None
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise AccessDenied(
-                    f"another hotpatch is working on process {self.pid}; wait for it to finish") from None
+        """One hotpatch at a time per target (locking.py). A failure caused
+        by the target dying under us (a short write, a failed injection) is
+        reported as what it is: TargetGone."""
+        with TargetLock(self.pid):
             try:
                 yield
             except HotpatchError as err:
@@ -317,8 +339,27 @@ class Process:
                 if gone is None:
                     raise
                 raise TargetGone(f"{gone} (the step in progress failed: {err})") from None
-        finally:
-            os.close(fd)
+
+    @contextmanager
+    def _audited(self, action: str, patch: PatchFile | None = None):
+        """One audit record for the operation, whatever its outcome; the
+        body fills in the edition (AuditRecord.edition_done)."""
+        record = audit.AuditRecord(action=action)
+        record.target(self)
+        if patch is not None:
+            record.patch_file(patch)
+        try:
+            yield record
+        except BaseException as e:
+            if isinstance(e, (HotpatchError, Interrupted)):
+                code, message = e.exit_code, str(e)
+            else:  # a bug, or a KeyboardInterrupt in a program using the library
+                code, message = 1, f"{type(e).__name__}: {e}"
+            record.finish(code, " ".join(message.split()))
+            self.audit_log.write(record)
+            raise
+        record.finish(0)
+        self.audit_log.write(record)
 
     def _gone(self, doing: str) -> TargetGone | None:
         try:
@@ -330,6 +371,8 @@ class Process:
     def close(self) -> None:
         self.mem.close()
         self.handle.close()
+        if self._own_log and self.audit_log is not None:
+            self.audit_log.close()
 
     def __enter__(self) -> "Process":
         return self
@@ -343,10 +386,11 @@ def _load(patch: str | PatchFile) -> PatchFile:
     return patch if isinstance(patch, PatchFile) else trust.load_patch(patch)
 
 
-def attach(pid: int) -> Process:
+def attach(pid: int, audit_log: audit.AuditLog | None = None) -> Process:
     """A Process for ``pid``; raises NoSuchProcess/AccessDenied up front, and
-    UnsupportedTarget (exit 2) for a process that is not x86-64."""
-    return Process(pid)
+    UnsupportedTarget (exit 2) for a process that is not x86-64. Changes are
+    audited to ``audit_log`` (default: AuditLog.default())."""
+    return Process(pid, audit_log)
 
 
 __all__ = ["Process", "attach", "CheckReport", "HotpatchError"]

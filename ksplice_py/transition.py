@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from . import editions as ed
-from . import harness, quiescence
+from . import harness, interrupts, quiescence
 from .errors import HotpatchError, NotQuiescent, PatchMismatch, RemoteError
 from .maps import read_maps
 from .quiescence import Blocker, CodeRange
@@ -86,6 +86,7 @@ class Transition:
         self.direction = direction
         self.functions = edition.functions if functions is None else functions
         self.attempts = 0
+        self.switched = False  # the trampolines are written: no going back
         self.longest_pause_us = 0.0
         self.stopped_us = 0.0
         others = [e for e in proc.editions() if e.id != edition.id]
@@ -171,13 +172,17 @@ class Transition:
                 h.before_cutover(self.proc, self.edition)
         while True:
             self.attempts += 1
-            result = self.try_complete(write=True)
-            if result.done:
-                self.complete(result)
-                for h in self.harnesses:
-                    if h.after_cutover:
-                        h.after_cutover(self.proc, self.edition)
-                return result
+            # SIGINT/SIGTERM wait for the attempt to end: before its write
+            # they then unwind as usual; after it, the switch is complete
+            # and recorded before anyone hears of the interrupt.
+            with interrupts.held():
+                result = self.try_complete(write=True)
+                if result.done:
+                    self.complete(result)
+                    for h in self.harnesses:
+                        if h.after_cutover:
+                            h.after_cutover(self.proc, self.edition)
+                    return result
             remaining = deadline - time.monotonic()
             if self.unwinder is None:
                 # one more attempt, with precise unwinding, even when time is up
@@ -233,6 +238,8 @@ class Transition:
                 vetoes = self._run_checks(world) if not late and not unsafe else []
                 if not late and not unsafe and not vetoes and write:
                     self._write_all(world)
+                    self.switched = True
+                    interrupts.commit()
                 verdicts = [(t.tid, t.unsafe, t.hit_value) for t in world.threads() if t.unsafe]
                 world.release()
         finally:
@@ -312,13 +319,13 @@ class Transition:
     # -- complete ------------------------------------------------------------------
     def complete(self, result: AttemptResult) -> None:
         e = self.edition
-        e.pause_us, e.attempts = result.pause_us, self.attempts
-        e.longest_pause_us, e.stopped_us = self.longest_pause_us, self.stopped_us
         if self.direction == APPLY:
+            e.pause_us, e.attempts = result.pause_us, self.attempts
+            e.longest_pause_us, e.stopped_us = self.longest_pause_us, self.stopped_us
             e.state, e.applied_at = "applied", time.time()
             self.mem.write(e.record_addr, e.header())
-        else:
-            e.state = "reverted"
+        else:  # the apply's figures stay: they say what the target felt then
+            e.state, e.reverted_at, e.revert_pause_us = "reverted", time.time(), result.pause_us
             unmap_regions(self.proc, e.regions)
 
 
