@@ -190,8 +190,9 @@ class Transition:
                 remaining = max(remaining, 0.001)
             if remaining <= 0:
                 verb = "switch" if self.direction == APPLY else "revert"
+                within = f"within {timeout:g}s" if timeout else "at once (--timeout 0: one try)"
                 raise NotQuiescent(
-                    f"no safe moment to {verb} edition {self.edition.id} within {timeout:g}s "
+                    f"no safe moment to {verb} edition {self.edition.id} {within} "
                     f"({self.attempts} attempts): {quiescence.summarize(result.blockers)}; "
                     f"retry later or with a longer --timeout",
                     blockers=[b.to_dict() for b in result.blockers], attempts=self.attempts)
