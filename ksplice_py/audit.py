@@ -98,6 +98,8 @@ class AuditRecord:
         self.sha256 = e.sha256 or self.sha256
         self.functions = [f.symbol for f in e.functions] or self.functions
         pause = e.revert_pause_us if e.state == "reverted" else e.pause_us
+        if e.already_applied:
+            pause = None  # nothing was stopped this time
         self.pause_us = round(pause, 1) if pause else None
         self.already_applied = e.already_applied or None
 

@@ -218,6 +218,7 @@ def test_same_patch_twice_is_already_applied(workers, mul3, tmp_path):
     assert len(editions(workers.pid)) == 1
     second = records(log)[1]
     assert second["already_applied"] is True and second["edition"] == 1, second
+    assert "pause_us" not in second and second["result"] == "ok", second
     # --again stacks a second copy, deliberately
     assert_ok(run_hotpatch("apply", workers.pid, mul3, "--again"))
     assert [e["id"] for e in editions(workers.pid)] == [2, 1]
