@@ -102,7 +102,6 @@ class PatchCycle:
         self.edition: ed.Edition | None = None
         self.image: loader.LinkedImage | None = None
         self.attempts = 0
-        self.transition: Transition | None = None
         self._mapped = False
 
     # -- prepare --------------------------------------------------------------
@@ -317,7 +316,19 @@ class PatchCycle:
         except BaseException:
             # Any failure before the switch (including Ctrl-C/SIGTERM): undo.
             # After it, the new code is live: never unmap it.
-            if not (self.transition and self.transition.switched):
-                with interrupts.held():  # a second Ctrl-C must not cut the undo short
+            with interrupts.held():  # a second Ctrl-C must not cut the undo short
+                if not self.switched():
                     self.abort()
             raise
+
+    def switched(self) -> bool:
+        """Did the cutover write its trampolines? Asked of the target itself
+        (they are written all or nothing, in one stopped window), so the
+        answer holds whatever was interrupted on our side."""
+        if self.edition is None or not self.edition.functions:
+            return False  # not finalized: nothing can have been switched
+        try:
+            return any(self.mem.read(f.addr, len(bytes.fromhex(f.new_bytes))) == bytes.fromhex(f.new_bytes)
+                       for f in self.edition.functions)
+        except HotpatchError:
+            return self.proc.same_process()  # unreadable yet ours: leave it for recover

@@ -86,7 +86,6 @@ class Transition:
         self.direction = direction
         self.functions = edition.functions if functions is None else functions
         self.attempts = 0
-        self.switched = False  # the trampolines are written: no going back
         self.longest_pause_us = 0.0
         self.stopped_us = 0.0
         others = [e for e in proc.editions() if e.id != edition.id]
@@ -239,8 +238,7 @@ class Transition:
                 vetoes = self._run_checks(world) if not late and not unsafe else []
                 if not late and not unsafe and not vetoes and write:
                     self._write_all(world)
-                    self.switched = True
-                    interrupts.commit()
+                    interrupts.commit()  # the change is made: the command must complete
                 verdicts = [(t.tid, t.unsafe, t.hit_value) for t in world.threads() if t.unsafe]
                 world.release()
         finally:

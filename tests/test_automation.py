@@ -194,6 +194,27 @@ def test_sigint_just_after_the_switch_completes_and_tells_the_truth(workers, mul
     workers.assert_running()
 
 
+def test_library_keyboard_interrupt_after_the_switch_keeps_the_new_code(workers, mul3, tmp_path,
+                                                                         monkeypatch):
+    """A program using the library with Python's own Ctrl-C handling: the
+    KeyboardInterrupt reaches it after the attempt, and the edition that was
+    switched stays (unmapping it would crash the target)."""
+    from ksplice_py import harness
+    monkeypatch.setenv("KSPLICE_PY_HARNESS_PATH", with_harness(tmp_path, "after")["KSPLICE_PY_HARNESS_PATH"])
+    harness.discover.cache_clear()
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with ksplice_py.attach(workers.pid) as proc:
+            with pytest.raises(KeyboardInterrupt):
+                proc.apply(str(mul3))
+            assert [e.state for e in proc.editions()] == ["applied"]
+    finally:
+        signal.signal(signal.SIGINT, old)
+        harness.discover.cache_clear()
+    workers.wait_all_return(INPUT * 3)
+    workers.assert_running()
+
+
 def test_sigint_just_before_the_switch_unwinds(workers, mul3, tmp_path):
     maps = workers.maps()
     cp = subprocess.run([HOTPATCH, "apply", str(workers.pid), str(mul3)], capture_output=True,
