@@ -1,20 +1,20 @@
 """ksplice_py: replace functions inside a running x86-64 Linux process.
 
-The names below are imported on first use (PEP 562), so that importing a
-submodule (the `hotpatch` executable's entry point first of all) does not
-load the whole library."""
+The exception hierarchy is imported at once (it is small); the rest on first
+use (PEP 562), so that importing a submodule (the `hotpatch` executable's
+entry point first of all) does not load the whole library."""
 from __future__ import annotations
 
 import importlib
 from typing import TYPE_CHECKING
 
+from .errors import *  # noqa: F401,F403
+from .errors import __all__ as _ERRORS
+
 __version__ = "0.1.0"
 
-_ERRORS = ("AccessDenied", "AmbiguousSymbol", "BadInput", "BadPatchFile", "BuildIdMismatch",
-           "HotpatchError", "NoSuchProcess", "NotQuiescent", "PatchMismatch", "RemoteError",
-           "SymbolNotFound", "TargetGone", "TrampolineError", "UnknownObject", "UnsupportedPatch")
 _WHERE = {"Edition": "editions", "FunctionSwitch": "editions", "attach": "process",
-          "Process": "process", "CheckReport": "process", **{name: "errors" for name in _ERRORS}}
+          "Process": "process", "CheckReport": "process"}
 
 __all__ = ["attach", "Process", "CheckReport", "Edition", "FunctionSwitch", *_ERRORS]
 
@@ -29,7 +29,4 @@ def __getattr__(name: str):
 
 if TYPE_CHECKING:
     from .editions import Edition, FunctionSwitch
-    from .errors import (AccessDenied, AmbiguousSymbol, BadInput, BadPatchFile, BuildIdMismatch,
-                         HotpatchError, NoSuchProcess, NotQuiescent, PatchMismatch, RemoteError,
-                         SymbolNotFound, TargetGone, TrampolineError, UnknownObject, UnsupportedPatch)
     from .process import CheckReport, Process, attach

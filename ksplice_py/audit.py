@@ -28,8 +28,15 @@ import pwd
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 from .errors import BadInput
+from .lifecycle import State
+
+if TYPE_CHECKING:
+    from .editions import Edition
+    from .patchfile import PatchFile
+    from .target import Target
 
 try:  # not every Python build ships it; never a reason to fail
     import syslog
@@ -80,15 +87,15 @@ class AuditRecord:
     tool_pid: int = field(default_factory=os.getpid)
 
     # -- filled in by the CLI as it learns things ---------------------------------
-    def target(self, proc) -> None:
-        self.pid, self.exe = proc.pid, proc.exe
-        self.target_start_time = getattr(proc, "start_time", None)
+    def target(self, target: Target) -> None:
+        self.pid, self.exe = target.pid, target.exe
+        self.target_start_time = target.handle.start_time
 
-    def patch_file(self, patch) -> None:
+    def patch_file(self, patch: PatchFile) -> None:
         self.patch, self.sha256 = os.path.abspath(patch.name), patch.sha256
         self.functions = [r.target for r in patch.replacements]
 
-    def edition_done(self, e) -> None:
+    def edition_done(self, e: Edition) -> None:
         """What the command did to edition ``e``. Every action names the
         patch as the edition's record does (its absolute path), so an apply
         and its revert read alike."""
@@ -97,7 +104,7 @@ class AuditRecord:
             self.patch = e.patch
         self.sha256 = e.sha256 or self.sha256
         self.functions = [f.symbol for f in e.functions] or self.functions
-        pause = e.revert_pause_us if e.state == "reverted" else e.pause_us
+        pause = e.revert_pause_us if e.state == State.REVERTED else e.pause_us
         if e.already_applied:
             pause = None  # nothing was stopped this time
         self.pause_us = round(pause, 1) if pause else None

@@ -1,6 +1,6 @@
 """`hotpatch`: a thin layer that parses, calls the library, and prints.
 
-Exit codes (design.md): 0 done, 2 bad usage/input, 3 no safe moment,
+Exit codes (docs/design.md): 0 done, 2 bad usage/input, 3 no safe moment,
 4 patch does not fit, 1 anything else. Errors are one line on stderr.
 
 Hardening (docs/security.md): patch files are read once through trust.py
@@ -25,18 +25,16 @@ from .patchfile import PatchFile, cflags
 from .process import Process, attach
 
 
-class _Usage(errors.BadInput):
-    pass
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit 2, no usage dump
-        raise _Usage(f"{message} (see hotpatch --help)")
+        raise errors.UsageError(f"{message} (see hotpatch --help)")
 
 
 def _pid(text: str) -> int:
     if not text.isdigit():
-        raise _Usage(f"pid must be a number, not {text!r}")
+        raise errors.UsageError(f"pid must be a number, not {text!r}")
     return int(text)
 
 
@@ -44,9 +42,9 @@ def _seconds(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise _Usage(f"--timeout takes seconds, not {text!r}") from None
+        raise errors.UsageError(f"--timeout takes seconds, not {text!r}") from None
     if not 0 <= value <= 86400:  # 0: try once
-        raise _Usage("--timeout takes 0 (try once) to 86400 seconds")
+        raise errors.UsageError("--timeout takes 0 (try once) to 86400 seconds")
     return value
 
 
@@ -213,7 +211,7 @@ def _patch(a) -> PatchFile:
 
 def _attach(a) -> Process:
     proc = attach(_pid(a.pid), audit_log=a.audit_log)
-    a.audit.target(proc)
+    a.audit.target(proc.target)
     return proc
 
 
@@ -239,7 +237,7 @@ def do_apply(a) -> tuple[dict, str]:
     return e.to_dict() | {"pid": int(a.pid)}, text
 
 
-def do_check(a) -> tuple[dict, str]:
+def do_check(a) -> tuple[dict, str] | tuple[dict, str, int]:
     patch = _patch(a)
     with _attach(a) as proc:
         r = proc.check(patch, harnesses=_choice(a))
@@ -281,7 +279,7 @@ def _edition_id(text: str | None) -> int | None:
     if text is None:
         return None
     if not text.isdigit():
-        raise _Usage(f"edition id must be a number, not {text!r}")
+        raise errors.UsageError(f"edition id must be a number, not {text!r}")
     return int(text)
 
 
@@ -431,7 +429,7 @@ def _run(argv: list[str], as_json: bool, session: _Session) -> _Outcome:
         with contextlib.redirect_stdout(help_text):  # --help, --version: printed by _report
             args = build_parser().parse_args(argv)
         if not args.command:
-            raise _Usage("no command given")
+            raise errors.UsageError("no command given")
         session.record.action = args.command
         args.audit = session.record
         args.audit_log = None
@@ -444,7 +442,7 @@ def _run(argv: list[str], as_json: bool, session: _Session) -> _Outcome:
         data, text, *code = COMMANDS[args.command](args)
         return _Outcome(code[0] if code else 0, json.dumps(data, indent=2) if as_json else text)
     except errors.HotpatchError as e:
-        return _Outcome(e.exit_code, error=str(e), details=e.details)
+        return _Outcome(e.exit_code, error=str(e), details=e.to_dict())
     except errors.Interrupted as e:
         return _Outcome(e.exit_code, error=str(e))
     except SystemExit as e:  # --help, --version, --print-completion
