@@ -257,10 +257,11 @@ def do_list(a) -> tuple[list, str]:
     items = [e.to_dict() | {"pid": int(a.pid)} for e in eds]
     if not eds:
         return items, f"no editions in pid {a.pid}"
-    rows = [f"{'ID':>4}  {'STATE':<10} {'PAUSE':>8}  {'PATCH':<24} FUNCTIONS"]
+    width = max(10, *(len(_state(e)) for e in eds))
+    rows = [f"{'ID':>4}  {'STATE':<{width}} {'PAUSE':>8}  {'PATCH':<24} FUNCTIONS"]
     for e in eds:
         pause = f"{e.pause_us:.0f}µs" if e.pause_us else "-"
-        rows.append(f"{e.id:>4}  {_state(e):<10} {pause:>8}  {os.path.basename(e.patch):<24} "
+        rows.append(f"{e.id:>4}  {_state(e):<{width}} {pause:>8}  {os.path.basename(e.patch):<24} "
                     + ", ".join(f.symbol for f in e.functions))
     if any(e.orphaned for e in eds):
         rows.append(f"orphaned: left half-way by a hotpatch that was killed; "
