@@ -1,12 +1,14 @@
 """`hotpatch`: a thin layer that parses, calls the library, and prints.
 
 Exit codes (docs/design.md): 0 done, 2 bad usage/input, 3 no safe moment,
-4 patch does not fit, 1 anything else. Errors are one line on stderr.
+4 patch does not fit, 1 anything else, 130/143 interrupted before the switch.
+Errors are one line on stderr. The outcome is decided before anything is
+printed, so a failing stdout never changes it (docs/automation.md).
 
 Hardening (docs/security.md): patch files are read once through trust.py
 (as root: ownership and modes checked, ``--insecure`` to skip; ``--sha256``
-pins the content); every command that changes a target is recorded by
-audit.py in syslog and, with ``--log-file``, as a JSON line.
+pins the content); every command that changes a target is recorded by the
+library (audit.py: syslog and a JSON-lines file, ``--log-file`` to move it).
 """
 from __future__ import annotations
 
@@ -23,8 +25,6 @@ from . import __version__, audit, errors, harness, interrupts, trust
 from .cycle import HarnessChoice
 from .patchfile import PatchFile, cflags
 from .process import Process, attach
-
-
 
 
 class _Parser(argparse.ArgumentParser):
