@@ -172,6 +172,14 @@ class Progress:
 OnResult = Callable[[ProcessResult, Progress], None]
 
 
+# A process with no safe moment at first gives its worker back: it is tried
+# again once everything else had its turn, with the rest of its --timeout,
+# so one busy process (say, inside the resolver) delays no other.
+# KSPLICE_PY_FLEET_FIRST_TRY (seconds) changes how long that first try may be.
+FIRST_TRY_S = 0.25
+RETRY = ProcessResult(0, "", Outcome.FAILED, reason="retry later")  # a marker, never reported
+
+
 class _Stop(BaseException):
     """In a worker: the runner asked to undo what is under way."""
 
@@ -193,9 +201,15 @@ class _Job:
             ":" not in t for t in [r.target for r in patch.replacements]
             + [s.target for s in patch.symbol_refs])
 
-    def run(self, info: ProcInfo) -> ProcessResult | None:
-        """One process: its result, or None when it is not concerned."""
+    def run(self, info: ProcInfo, budget: float | None = None, final: bool = True) -> ProcessResult | None:
+        """One process: its result, or None when it is not concerned, or
+        RETRY when no safe moment came within ``budget`` and ``final`` is
+        False (the process was left as it was; try it again later)."""
+        self.budget = self.timeout if budget is None else budget
+        self.final = final
         res = self._run(info)
+        if res is RETRY:
+            return res
         if res is not None and self.audit_log is not None and self.action.audited \
                 and res.result is not Outcome.SKIPPED:
             self._audit(info, res)
@@ -214,6 +228,10 @@ class _Job:
             if isinstance(e, NoSuchProcess) and not _gone(info):
                 return result(Outcome.FAILED, reason=str(e), exit_code=e.exit_code)
             return result(Outcome.SKIPPED, reason=f"exited during the run; nothing was done to it")
+        except NotQuiescent as e:
+            if not self.final:
+                return RETRY
+            return result(Outcome.FAILED, reason=" ".join(str(e).split()), exit_code=e.exit_code)
         except (UnknownObject, SymbolNotFound) as e:
             if self.unqualified:
                 return None
@@ -238,7 +256,7 @@ class _Job:
         if prepared:
             return result(Outcome.SKIPPED, edition=prepared[0].id,
                           reason=f"prepared as edition {prepared[0].id}; cut it over or abort it")
-        e = proc.apply(self.patch, timeout=self.timeout, harnesses=self.harnesses)
+        e = proc.apply(self.patch, timeout=self.budget, harnesses=self.harnesses)
         return result(Outcome.APPLIED, edition=e.id, pause_us=e.pause_us)
 
     def check(self, proc: Process, result) -> ProcessResult:
@@ -266,7 +284,7 @@ class _Job:
         if not prepared:
             return result(Outcome.SKIPPED, edition=applied[0].id,
                           reason=f"already applied as edition {applied[0].id}") if applied else None
-        e = proc.cutover(prepared[0].id, timeout=self.timeout)
+        e = proc.cutover(prepared[0].id, timeout=self.budget)
         return result(Outcome.APPLIED, edition=e.id, pause_us=e.pause_us)
 
     def abort(self, proc: Process, result) -> ProcessResult | None:
@@ -284,7 +302,7 @@ class _Job:
             return result(Outcome.SKIPPED, edition=prepared[0].id,
                           reason=f"only prepared as edition {prepared[0].id}; abort it instead"
                           ) if prepared else None
-        done = [proc.revert(e.id, timeout=self.timeout) for e in applied]  # newest first
+        done = [proc.revert(e.id, timeout=self.budget) for e in applied]  # newest first
         return result(Outcome.APPLIED, edition=done[0].id, pause_us=max(e.pause_us or 0 for e in done))
 
     def _audit(self, info: ProcInfo, res: ProcessResult) -> None:
@@ -358,11 +376,18 @@ def fleet(action: Action | str, patch: PatchFile | None, *, sha256: str | None =
                    selector, jobs or default_jobs(), on_result).run()
 
 
+@dataclass(frozen=True)
+class _Task:
+    info: ProcInfo
+    budget: float  # seconds this attempt may wait for a safe moment
+    final: bool  # False: give up early with RETRY
+
+
 class _Worker:
     def __init__(self, pid: int, task_w: int, result_r: int) -> None:
         self.pid, self.task_w, self.result_r = pid, task_w, result_r
         self.buf = b""
-        self.task: ProcInfo | None = None
+        self.task: _Task | None = None
 
 
 class _Runner:
@@ -426,7 +451,7 @@ class _Runner:
             for r in list(self.result.processes):
                 self._report(r)
             if tasks:
-                self._dispatch_all(deque(tasks))
+                self._dispatch_all(deque(self._first_try(i) for i in tasks))
         finally:
             self._restore_signals(old)
         self.result.interrupted = self.stops > 0
@@ -447,7 +472,14 @@ class _Runner:
         for s, h in (old or {}).items():
             signal.signal(s, h)
 
-    def _dispatch_all(self, pending: deque[ProcInfo]) -> None:
+    def _first_try(self, info: ProcInfo) -> _Task:
+        timeout = self.job.timeout
+        first = float(os.environ.get("KSPLICE_PY_FLEET_FIRST_TRY") or FIRST_TRY_S)
+        if self.action in (Action.APPLY, Action.CUTOVER, Action.REVERT) and timeout > 2 * first:
+            return _Task(info, first, False)
+        return _Task(info, timeout, True)
+
+    def _dispatch_all(self, pending: deque[_Task]) -> None:
         workers = [self._spawn() for _ in range(min(self.jobs, len(pending)))]
         live = {w.result_r: w for w in workers}
         for w in workers:
@@ -458,9 +490,9 @@ class _Runner:
         terminated = False
         while live:
             if self.stops and pending:
-                for info in pending:
-                    self._record(info, ProcessResult(info.pid, info.name, Outcome.SKIPPED,
-                                                     reason="not reached: interrupted"))
+                for task in pending:
+                    self._record(ProcessResult(task.info.pid, task.info.name, Outcome.SKIPPED,
+                                               reason="not reached: interrupted"))
                 pending.clear()
             if self.stops > 1 and not terminated:
                 terminated = True
@@ -475,8 +507,8 @@ class _Runner:
                     self._on_line(w, line, pending)
                 if not chunk:  # the worker exited
                     if w.task is not None:
-                        self._record(w.task, ProcessResult(
-                            w.task.pid, w.task.name, Outcome.FAILED, exit_code=1,
+                        self._record(ProcessResult(
+                            w.task.info.pid, w.task.info.name, Outcome.FAILED, exit_code=1,
                             reason="internal error: the worker handling it died; run hotpatch recover on it"))
                         w.task = None
                     poller.unregister(fd)
@@ -486,31 +518,35 @@ class _Runner:
                     del live[fd]
                     _reap(w.pid)
 
-    def _on_line(self, w: _Worker, line: bytes, pending: deque[ProcInfo]) -> None:
-        info, w.task = w.task, None
+    def _on_line(self, w: _Worker, line: bytes, pending: deque[_Task]) -> None:
+        task, w.task = w.task, None
+        info = task.info
         d = json.loads(line)
-        if d is not None:
+        if d == "retry":  # no safe moment yet: again after the others, with the rest of its time
+            pending.append(_Task(info, self.job.timeout - task.budget, True))
+        elif d is not None:
             res = ProcessResult.from_dict(d)
             if self.job.unqualified and res.exit_code != PatchMismatch.exit_code:
                 self.result.fitting += 1  # it defines what the patch names
-            self._record(info, res)
+            self._record(res)
         elif info.pid in self.selector.pids:
-            self._record(info, ProcessResult(info.pid, info.name, Outcome.SKIPPED,
+            self._record(ProcessResult(info.pid, info.name, Outcome.SKIPPED,
                                              reason=self._not_concerned()))
         else:
             self.total -= 1
         self._give(w, pending)
 
-    def _give(self, w: _Worker, pending: deque[ProcInfo]) -> None:
+    def _give(self, w: _Worker, pending: deque[_Task]) -> None:
         if pending and not self.stops:
-            w.task = pending.popleft()
-            i = w.task
-            os.write(w.task_w, json.dumps([i.pid, i.start_time, i.name, i.uid, i.exe]).encode() + b"\n")
+            w.task = t = pending.popleft()
+            i = t.info
+            os.write(w.task_w, json.dumps([i.pid, i.start_time, i.name, i.uid, i.exe, t.budget, t.final]
+                                          ).encode() + b"\n")
         elif w.task_w >= 0:
             _close(w.task_w)  # EOF: the worker exits
             w.task_w = -1
 
-    def _record(self, info: ProcInfo, res: ProcessResult) -> None:
+    def _record(self, res: ProcessResult) -> None:
         self.result.processes.append(res)
         self._report(res)
 
@@ -561,16 +597,17 @@ def _worker_loop(job: _Job, task_r: int, result_w: int) -> None:
             buf += chunk
             while b"\n" in buf:
                 line, buf = buf.split(b"\n", 1)
-                pid, start, name, uid, exe = json.loads(line)
+                pid, start, name, uid, exe, budget, final = json.loads(line)
                 try:
-                    res = job.run(ProcInfo(pid, start, name, uid, exe))
+                    res = job.run(ProcInfo(pid, start, name, uid, exe), budget, final)
                 except _Stop:
                     res = ProcessResult(pid, name, Outcome.FAILED, exit_code=1,
                                         reason="interrupted; the process was left as it was")
                 except Exception as e:  # a bug: still one line for this process only
                     res = ProcessResult(pid, name, Outcome.FAILED, exit_code=1,
                                         reason=f"internal error: {type(e).__name__}: {e}")
-                _write_all(result_w, json.dumps(None if res is None else res.to_dict()).encode() + b"\n")
+                wire = "retry" if res is RETRY else None if res is None else res.to_dict()
+                _write_all(result_w, json.dumps(wire).encode() + b"\n")
 
 
 def _read(fd: int) -> bytes:

@@ -6,6 +6,7 @@ patched object (libfleet.so) exists only in these tests.
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -90,8 +91,10 @@ def test_mixed_machine(fleet, spawn, sleeper):
 
     args = [HOTPATCH, "apply", "--all", fleet["pinned"], "--timeout", "1.5", "--jobs", "1", "--json",
             "--pids", pids_arg(busy, leaving, *matching, other) + f",{unrelated.pid}"]
-    run = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    # While the only worker waits on the busy process, the next one exits.
+    # One attempt of the whole --timeout: while the only worker waits on the
+    # busy process, the next one exits.
+    env = dict(os.environ, KSPLICE_PY_FLEET_FIRST_TRY="1.5")
+    run = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     wait_until(lambda: editions(busy), 30, "the busy process to be worked on")
     leaving.proc.kill()
     leaving.proc.wait()
@@ -245,3 +248,23 @@ def sleeper():
     for p in procs:
         p.kill()
         p.wait()
+
+
+def test_busy_process_delays_no_other(fleet, spawn):
+    """A process with no safe moment gives its worker back after a first
+    short try and is tried again after the others (one worker here)."""
+    busy = spawn(fleet["exe"], 1000, "hold")
+    ts = [spawn(fleet["exe"]) for _ in range(3)]
+    cp = run_hotpatch("apply", "--all", fleet["patch"], "--jobs", "1", "--timeout", "2",
+                      "--pids", pids_arg(busy, *ts))
+    assert cp.returncode == 3, cp.stdout + cp.stderr
+    lines = cp.stdout.strip().splitlines()
+    assert lines[-1] == "processes: 3 applied, 0 skipped, 1 failed"
+    order = [int(x.split()[1]) for x in lines[:-1]]
+    assert order[-1] == busy.pid and sorted(order[:-1]) == sorted(t.pid for t in ts), lines
+    assert "no safe moment" in lines[-2]
+    for t in ts:
+        t.wait_all_return(NEW, timeout=5)
+    busy.assert_alive()
+    assert_not_stopped(busy.pid)
+    assert not editions(busy)
