@@ -30,7 +30,7 @@ except ImportError:  # pragma: no cover
     syslog = None  # type: ignore[assignment]
 
 SYSLOG_IDENT = "hotpatch"
-AUDITED = ("apply", "prepare", "cutover", "abort", "revert", "recover")
+AUDITED = ("apply", "prepare", "cutover", "abort", "revert", "recover", "install", "uninstall")
 
 
 def invoking_user() -> dict:

@@ -17,7 +17,7 @@ import signal
 import sys
 from typing import Callable
 
-from . import audit, cli_fleet, errors, harness, trust
+from . import audit, cli_fleet, cli_store, errors, harness, trust
 from .cycle import HarnessChoice
 from .patchfile import PatchFile, cflags
 from .process import Process, attach
@@ -105,6 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
     cmd("cflags", "compiler flags for building patches")
     cmd("harnesses", "the quiescence harnesses installed")
     sub.add_parser("demo", help="the live DNS-server demo (hotpatch demo --help)", add_help=False)
+    # Parsed by cli_store.py; listed here for --help. (`--all` forms: cli_fleet.py.)
+    for name, text in (("install", "store a patch; apply it to every matching process, now and later"),
+                       ("uninstall", "remove an installed patch and revert it everywhere"),
+                       ("installed", "installed patches, who carries them, who does not and why"),
+                       ("watch", "service: apply installed patches to processes as they start")):
+        sub.add_parser(name, help=text, add_help=False)
     return p
 
 
@@ -281,14 +287,17 @@ COMMANDS: dict[str, Callable] = {
 }
 
 
-# -- fleet: ACTION --all PATCH, list --all (cli_fleet.py, its own parser) --------
+# -- fleet and store: ACTION --all PATCH, list --all, install... (own parsers) --
 
 def _parse(argv: list[str]) -> argparse.Namespace:
-    if not cli_fleet.wants(argv):
-        return build_parser().parse_args(argv)
-    args = cli_fleet.parser(_Parser(prog="hotpatch").error).parse_args(argv)
-    args.pid, args.handler = "", cli_fleet.do_fleet  # no single pid: one record per process
-    return args
+    """--all command lines go to cli_fleet.py; install, uninstall, installed
+    and watch to cli_store.py; the rest to build_parser()."""
+    for module, handler in ((cli_fleet, cli_fleet.do_fleet), (cli_store, cli_store.do_store)):
+        if module.wants(argv):
+            args = module.parser(_Parser(prog="hotpatch").error).parse_args(argv)
+            args.pid, args.handler = "", handler  # no single pid: one record per process
+            return args
+    return build_parser().parse_args(argv)
 
 
 # -- entry point --------------------------------------------------------------

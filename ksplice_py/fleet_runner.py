@@ -186,7 +186,7 @@ class _Stop(BaseException):
 
 # --- the per-process work (runs in a worker) ---------------------------------
 
-class _Job:
+class Job:
     """What every worker needs: the action, the patch, the options."""
 
     def __init__(self, action: Action, patch: PatchFile | None, sha256: str, timeout: float,
@@ -318,8 +318,8 @@ class _Job:
             pass
 
 
-_ACTIONS = {Action.APPLY: _Job.apply, Action.CHECK: _Job.check, Action.PREPARE: _Job.prepare,
-            Action.CUTOVER: _Job.cutover, Action.ABORT: _Job.abort, Action.REVERT: _Job.revert}
+_ACTIONS = {Action.APPLY: Job.apply, Action.CHECK: Job.check, Action.PREPARE: Job.prepare,
+            Action.CUTOVER: Job.cutover, Action.ABORT: Job.abort, Action.REVERT: Job.revert}
 
 
 def _gone(info: ProcInfo) -> bool:
@@ -371,7 +371,7 @@ def fleet(action: Action | str, patch: PatchFile | None, *, sha256: str | None =
     if patch is None and (action.loads_patch or not sha256):
         raise BadInput(f"{action.value} --all needs the patch file")
     sha = patch.sha256 if patch is not None else sha256
-    return _Runner(action, _Job(action, patch, sha, timeout, harnesses,
+    return _Runner(action, Job(action, patch, sha, timeout, harnesses,
                                 Wants.of(patch) if patch is not None else None, audit_log),
                    selector, jobs or default_jobs(), on_result).run()
 
@@ -393,7 +393,7 @@ class _Worker:
 class _Runner:
     POLL_S = 0.1
 
-    def __init__(self, action: Action, job: _Job, selector: Selector, jobs: int,
+    def __init__(self, action: Action, job: Job, selector: Selector, jobs: int,
                  on_result: OnResult | None) -> None:
         self.action, self.job, self.selector = action, job, selector
         self.jobs, self.on_result = jobs, on_result
@@ -578,7 +578,7 @@ class _Runner:
         return _Worker(pid, task_w, result_r)
 
 
-def _worker_loop(job: _Job, task_r: int, result_w: int) -> None:
+def _worker_loop(job: Job, task_r: int, result_w: int) -> None:
     """Read a task line, do it, write a result line; until EOF or _Stop."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the terminal's Ctrl-C is for the runner
 
