@@ -5,7 +5,7 @@ Event-driven, so it costs nothing while nothing starts:
 * the process-events connector reports every ``execve`` at once, with the
   process id (procevents.ExecEvents). A new process's libraries are mapped
   by ld.so within milliseconds of its exec, so each one is looked at on a
-  short, bounded schedule after its event (0, 2, 5, 10 ... 2000 ms: reading
+  short, bounded schedule after its event (0, 3, 10, 30 ... 2000 ms: reading
   its maps, nothing more) until every installed patch that fits it is
   applied, then forgotten. We chose the connector over inotify alone
   (openEuler's syscare watches the target files' ``IN_OPEN`` and then
@@ -47,7 +47,7 @@ from .procevents import IN_CLOSE_WRITE, IN_CREATE, IN_DELETE, IN_MOVED_TO, IN_OP
 from .store import Entry, Store
 from .symbols import keep_parsed
 
-SCHEDULE_MS = (0, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000)  # after exec: look again
+SCHEDULE_MS = (0, 3, 10, 30, 100, 300, 1000, 2000)  # after exec: look (read its maps) again
 ATTEMPT_TIMEOUT_S = 0.5  # one try at a safe moment; back-off does the rest
 MAX_ATTEMPTS = 12
 RESCAN_EVERY_S = 1.0  # dlopen-triggered passes, at most this often
@@ -151,11 +151,14 @@ class Watcher:
     # -- one new process -------------------------------------------------------------
     def look(self, n: _New) -> bool:
         """Apply every fitting patch not yet in it; True when nothing is left to wait for."""
+        maps = read_maps_of(n.pid)
+        if not maps:
+            return True  # gone (or a zombie): forget it
+        names = {os.path.basename(m.path) for m in maps if m.is_file}
+        if not any(inst.wants.objects <= names | {"main"} for inst in self.installed.values()):
+            return False  # the cheap test, for the many processes no patch concerns
         info = proc_info(n.pid)
         if info is None or info.unpatchable is not None:
-            return True  # gone (or a zombie): forget it
-        maps = read_maps_of(n.pid)
-        if maps is None:
             return True
         waiting = False
         for sha, inst in self.installed.items():
