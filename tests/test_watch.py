@@ -132,7 +132,8 @@ def test_watch_patches_new_processes_then_uninstall_reverts(fleet, spawn, watch)
         t.wait_all_return(NEW, timeout=10)
         latencies.append(time.monotonic() - t0)
         ts.append(t)
-    for t in ts:
+    for t in ts:  # the line comes once the tool is done; the new code may run before
+        wait_until(lambda: w.of("applied", t.pid), 10, f"the watch's line for {t.pid}")
         (ev,) = w.of("applied", t.pid)
         assert ev["edition"] == 1 and ev["after_exec_ms"] < 10_000
         t.assert_healthy()
@@ -191,7 +192,8 @@ def test_flood_of_short_lived_processes(fleet, spawn, watch):
         t.assert_healthy()
         assert_not_stopped(t.pid)
         assert tracer_pid(t.pid) == 0
-    assert {e["pid"] for e in w.of("applied")} >= {t.pid for t in stay}
+    wait_until(lambda: {e["pid"] for e in w.of("applied")} >= {t.pid for t in stay}, 10,
+               "the watch's line for each of the 50")
     assert not w.of("gave_up")
     time.sleep(2.5)  # past every process's look-again schedule
     ticks = w.cpu_ticks()
