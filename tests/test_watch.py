@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -223,3 +225,20 @@ def test_no_safe_moment_is_retried_with_backoff(fleet, spawn, watch):
     busy.assert_alive()
     assert_not_stopped(busy.pid)
     assert w.stop() == 0
+
+
+def test_shipped_unit_file_is_valid(tmp_path):
+    """systemd/hotpatch-watch.service runs `hotpatch watch`; systemd itself
+    checks it (with ExecStart pointed at this installation's command)."""
+    unit = (Path(__file__).resolve().parent.parent / "systemd" / "hotpatch-watch.service").read_text()
+    assert "\nExecStart=/usr/local/bin/hotpatch watch\n" in unit
+    assert "\nKillSignal=SIGTERM\n" in unit and "\nRestart=always\n" in unit
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze is not installed: the unit's syntax was not checked by systemd")
+    local = tmp_path / "hotpatch-watch.service"
+    local.write_text(unit.replace("/usr/local/bin/hotpatch", HOTPATCH))
+    cp = subprocess.run([analyze, "verify", str(local)], capture_output=True, text=True)
+    assert cp.returncode == 0, cp.stderr
+    local.write_text(unit.replace("/usr/local/bin/hotpatch", "/nonexistent/hotpatch"))
+    assert subprocess.run([analyze, "verify", str(local)], capture_output=True).returncode != 0
