@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from . import editions as ed
-from .errors import BadInput
+from .errors import BadInput, HotpatchError
 from .maps import Mapping, host_path, parse_maps
+from .memory import RemoteMemory
 from .patchfile import PatchFile
 from .symbols import build_id_of
 
@@ -220,3 +221,17 @@ def carries_editions(pid: int, maps: list[Mapping] | None = None) -> bool:
     """Does the process hold any edition region (cheap: names in its maps)?"""
     maps = read_maps_of(pid) if maps is None else maps
     return bool(maps) and bool(ed.regions_in(maps))
+
+
+def carries_patch(pid: int, sha256: str) -> bool:
+    """Does the process hold an edition of this patch content? Reads the
+    edition records from its memory (process_vm_readv): no ptrace, so a
+    process that does not is never attached to."""
+    maps = read_maps_of(pid)
+    if not maps or not ed.regions_in(maps):
+        return False
+    try:
+        with RemoteMemory(pid) as mem:
+            return any(e.sha256 == sha256 for e in ed.list_editions(mem, maps)[0])
+    except HotpatchError:
+        return False

@@ -48,7 +48,7 @@ from . import audit, trampoline, x86writer
 from . import editions as ed
 from .cycle import HarnessChoice
 from .discovery import (Match, ProcInfo, Selector, Unpatchable, Wants, candidates, carries_editions,
-                        match, proc_info)
+                        carries_patch, match, proc_info)
 from .errors import (BadInput, HotpatchError, NoSuchProcess, NotQuiescent, PatchMismatch,
                      SymbolNotFound, TargetGone, UnknownObject)
 from .memory import RemoteMemory
@@ -414,10 +414,11 @@ class _Runner:
                     else Match(False)
                 if m.fits and not self.job.unqualified:
                     self.result.fitting += 1
-                concerned = m.fits or m.reason is not None or self.job.unqualified
+                concerned = m.fits or m.reason is not None or (self.job.unqualified and info.unpatchable not in (
+                    Unpatchable.KERNEL_THREAD, Unpatchable.ZOMBIE))
             else:
                 m = None
-                concerned = carries_editions(info.pid)
+                concerned = carries_patch(info.pid, self.job.sha256)
             if info.unpatchable is not None and (concerned or named):
                 self._decided(info, info.unpatchable.value)
             elif m is not None and not m.fits and m.reason is not None:

@@ -5,8 +5,8 @@ Event-driven, so it costs nothing while nothing starts:
 * the process-events connector reports every ``execve`` at once, with the
   process id (procevents.ExecEvents). A new process's libraries are mapped
   by ld.so within milliseconds of its exec, so each one is looked at on a
-  short, bounded schedule after its event (0, 3, 10, 30 ... 2000 ms: reading
-  its maps, nothing more) until every installed patch that fits it is
+  short, bounded schedule after its event (0, 3, 10, 30 ... 10000 ms:
+  reading its maps, nothing more) until every installed patch that fits it is
   applied, then forgotten. We chose the connector over inotify alone
   (openEuler's syscare watches the target files' ``IN_OPEN`` and then
   searches /proc for who mapped them) because it names the process: no
@@ -14,8 +14,9 @@ Event-driven, so it costs nothing while nothing starts:
   reads per process;
 * inotify on the store (a patch installed or removed: re-read, and apply a
   new one everywhere) and on the files installed patches target (an
-  ``IN_OPEN`` with no new process pending is a ``dlopen`` in an older
-  process: one machine-wide pass, at most once a second).
+  ``IN_OPEN`` is a process loading one: the new processes are looked at at
+  once, and one machine-wide pass, at most once a second, finds a ``dlopen``
+  in an older process; it attaches only to processes not yet handled).
 
 On start, and after the kernel reports lost events, it reconciles: the
 fleet runner applies every installed patch to every matching process
@@ -39,7 +40,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from . import audit
-from .discovery import ProcInfo, Selector, Wants, match, proc_info, read_maps_of
+from .discovery import ProcInfo, Selector, Wants, candidates, match, proc_info, read_maps_of
 from .errors import HotpatchError
 from .fleet_runner import Action, Job, Outcome, fleet
 from .patchfile import PatchFile
@@ -47,7 +48,9 @@ from .procevents import IN_CLOSE_WRITE, IN_CREATE, IN_DELETE, IN_MOVED_TO, IN_OP
 from .store import Entry, Store
 from .symbols import keep_parsed
 
-SCHEDULE_MS = (0, 3, 10, 30, 100, 300, 1000, 2000)  # after exec: look (read its maps) again
+# After an exec event, look (read its maps) again at these times: ld.so maps
+# the libraries within milliseconds, or seconds on an overloaded machine.
+SCHEDULE_MS = (0, 3, 10, 30, 100, 300, 1000, 3000, 10000)
 ATTEMPT_TIMEOUT_S = 0.5  # one try at a safe moment; back-off does the rest
 MAX_ATTEMPTS = 12
 RESCAN_EVERY_S = 1.0  # dlopen-triggered passes, at most this often
@@ -147,6 +150,14 @@ class Watcher:
                 return
         self._prune()
         self._write_status()
+
+    def rescan(self) -> None:
+        """Every matching process not yet handled (lost events, dlopen): only
+        those are attached to; the ones already done are known."""
+        for info in candidates(Selector()):
+            if info.unpatchable is None and info.pid not in self.new and any(
+                    (info.pid, info.start_time, sha) not in self.done for sha in self.installed):
+                self.look(_New(info.pid, time.monotonic()))
 
     # -- one new process -------------------------------------------------------------
     def look(self, n: _New) -> bool:
@@ -323,7 +334,7 @@ class Watcher:
                 for n in self.new.values():  # a new process is loading it: look now
                     n.step = 0
                     n.seen = min(n.seen, time.monotonic())
-            elif self._rescan_at is None:  # a dlopen in an older process
+            if self._rescan_at is None:  # or a dlopen in an older process
                 self._rescan_at = max(time.monotonic(), self._last_rescan + RESCAN_EVERY_S)
 
     def _timeout(self) -> float | None:
@@ -338,7 +349,7 @@ class Watcher:
         now = time.monotonic()
         if self._rescan_at is not None and self._rescan_at <= now:
             self._rescan_at, self._last_rescan = None, now
-            self.reconcile()
+            self.rescan()
         for pid, n in list(self.new.items()):
             if n.due > now:
                 continue
