@@ -10,10 +10,9 @@ import sys
 
 from . import audit, errors, trust
 from .cli_fleet import Display
-from .discovery import Selector, Wants, candidates, carries_editions, match
+from .discovery import Selector, Unpatchable, Wants, candidates, editions_of, match
 from .fleet_runner import Action, fleet
 from .patchfile import PatchFile
-from .process import attach
 from .store import Entry, Store, is_sha256
 from .watch import Watcher, printer
 
@@ -115,7 +114,8 @@ def _installed(a) -> tuple:
     store = Store()
     status = store.read_status().get("failing", {})
     out = []
-    infos = [i for i in candidates(Selector()) if i.unpatchable is None]
+    # A process the watch is working on right now is traced: still listed.
+    infos = [i for i in candidates(Selector()) if i.unpatchable in (None, Unpatchable.TRACED)]
     for entry in store.entries():
         out.append(_report(store, entry, infos, status.get(entry.sha256, {})))
     if not out:
@@ -138,13 +138,7 @@ def _report(store: Store, entry: Entry, infos, failing: dict) -> dict:
     for info in infos:
         if not match(info, wanted).fits:
             continue
-        eds = []
-        if carries_editions(info.pid):
-            try:
-                with attach(info.pid) as proc:
-                    eds = [e for e in proc.editions() if e.sha256 == entry.sha256]
-            except errors.HotpatchError:
-                continue
+        eds = [e for e in editions_of(info.pid) if e.sha256 == entry.sha256]
         applied = [e for e in eds if e.state == "applied"]
         if applied:
             carried.append({"pid": info.pid, "name": info.name, "edition": applied[0].id})

@@ -223,15 +223,20 @@ def carries_editions(pid: int, maps: list[Mapping] | None = None) -> bool:
     return bool(maps) and bool(ed.regions_in(maps))
 
 
-def carries_patch(pid: int, sha256: str) -> bool:
-    """Does the process hold an edition of this patch content? Reads the
-    edition records from its memory (process_vm_readv): no ptrace, so a
-    process that does not is never attached to."""
+def editions_of(pid: int) -> list[ed.Edition]:
+    """The editions a process carries, read from its memory without ptrace
+    (process_vm_readv): a process can be asked while another tool traces it,
+    and one that carries none is never attached to."""
     maps = read_maps_of(pid)
     if not maps or not ed.regions_in(maps):
-        return False
+        return []
     try:
         with RemoteMemory(pid) as mem:
-            return any(e.sha256 == sha256 for e in ed.list_editions(mem, maps)[0])
+            return ed.list_editions(mem, maps)[0]
     except HotpatchError:
-        return False
+        return []
+
+
+def carries_patch(pid: int, sha256: str) -> bool:
+    """Does the process hold an edition of this patch content?"""
+    return any(e.sha256 == sha256 for e in editions_of(pid))

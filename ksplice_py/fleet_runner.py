@@ -47,8 +47,8 @@ from typing import Callable
 from . import audit, trampoline, x86writer
 from . import editions as ed
 from .cycle import HarnessChoice
-from .discovery import (Match, ProcInfo, Selector, Unpatchable, Wants, candidates, carries_editions,
-                        carries_patch, match, proc_info)
+from .discovery import (Match, ProcInfo, Selector, Unpatchable, Wants, candidates, carries_patch,
+                        editions_of, match, proc_info)
 from .errors import (BadInput, HotpatchError, NoSuchProcess, NotQuiescent, PatchMismatch,
                      SymbolNotFound, TargetGone, UnknownObject)
 from .memory import RemoteMemory
@@ -227,7 +227,7 @@ class Job:
         except (NoSuchProcess, TargetGone) as e:
             if isinstance(e, NoSuchProcess) and not _gone(info):
                 return result(Outcome.FAILED, reason=str(e), exit_code=e.exit_code)
-            return result(Outcome.SKIPPED, reason=f"exited during the run; nothing was done to it")
+            return result(Outcome.SKIPPED, reason="exited during the run; nothing was done to it")
         except NotQuiescent as e:
             if not self.final:
                 return RETRY
@@ -661,17 +661,12 @@ class ProcessEditions:
 
 def fleet_list(selector: Selector = Selector()) -> list[ProcessEditions]:
     """Every process (the selector allows) that carries editions, with them:
-    read from each target's own memory, no ptrace."""
+    read from each target's own memory, without ptrace."""
     out = []
     for info in candidates(selector):
-        if info.unpatchable in (Unpatchable.KERNEL_THREAD, Unpatchable.ZOMBIE) \
-                or not carries_editions(info.pid):
+        if info.unpatchable in (Unpatchable.KERNEL_THREAD, Unpatchable.ZOMBIE):
             continue
-        try:
-            with attach(info.pid) as proc:
-                eds = proc.editions()
-        except HotpatchError:
-            continue  # exited, or not ours to read
+        eds = editions_of(info.pid)
         if eds:
             out.append(ProcessEditions(info.pid, info.name, info.exe, eds))
     return out
