@@ -112,6 +112,7 @@ class FleetResult:
     fitting: int = 0  # processes that map the patch's objects, of its build
     interrupted: bool = False
     elapsed_s: float = 0.0
+    discovery_s: float = 0.0  # of elapsed_s: finding the processes, per-build work
 
     def count(self, outcome: Outcome) -> int:
         return sum(1 for p in self.processes if p.result is outcome)
@@ -156,6 +157,7 @@ class FleetResult:
                 "processes": [p.to_dict() for p in sorted(self.processes, key=lambda p: p.pid)],
                 "applied": self.applied, "skipped": self.skipped, "failed": self.failed,
                 "interrupted": self.interrupted, "elapsed_s": round(self.elapsed_s, 3),
+                "discovery_s": round(self.discovery_s, 3),
                 "exit_code": self.exit_code}
 
 
@@ -448,6 +450,7 @@ class _Runner:
         old = self._catch_signals()
         try:
             tasks = self.plan()
+            self.result.discovery_s = time.monotonic() - self.t0
             self.total = len(self.result.processes) + len(tasks)
             for r in list(self.result.processes):
                 self._report(r)
