@@ -31,7 +31,6 @@ import json
 import mmap
 import os
 import platform
-import shutil
 import signal
 import statistics
 import struct
@@ -54,11 +53,8 @@ def log(msg: str) -> None:
 
 
 def hotpatch() -> str:
-    beside = Path(sys.executable).parent / "hotpatch"
-    found = str(beside) if beside.exists() else shutil.which("hotpatch")
-    if not found:
-        sys.exit("fleet benchmark: the `hotpatch` command is not installed (pip install -e .)")
-    return found
+    from run import _hotpatch  # benchmarks/run.py: beside this Python, or on PATH
+    return _hotpatch()
 
 
 def build(work: Path, hp: str) -> dict[str, Path]:
