@@ -159,7 +159,8 @@ def run_fleet(hp: str, action: str, patch: Path, exe: Path, jobs: int | None, fl
             "pause_us_max": max(pauses, default=None),
             "pause_us_median": statistics.median(pauses) if pauses else None,
             "stall_us_max": max(late), "stall_us_median": statistics.median(late),
-            "new_code_running": fl.wait_value(expect, 5.0), "harmed": fl.harmed()}
+            "new_code_running": fl.wait_value(expect, 5.0), "harmed": fl.harmed(),
+            "failures": [p for p in doc.get("processes", []) if p["result"] == "failed"][:20]}
 
 
 def noise(fl: Fleet, seconds: float) -> dict:
