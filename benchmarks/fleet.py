@@ -31,6 +31,7 @@ import json
 import mmap
 import os
 import platform
+import resource
 import signal
 import statistics
 import struct
@@ -146,15 +147,18 @@ def run_fleet(hp: str, action: str, patch: Path, exe: Path, jobs: int | None, fl
     cmd = [hp, action, "--all", str(patch), "--exe", str(exe), "--json"]
     if jobs:
         cmd += ["--jobs", str(jobs)]
+    ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.monotonic()
     cp = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
     wall = time.monotonic() - t0
+    ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)  # the command and its workers (reaped by it)
+    cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
     late = fl.latest()
     doc = json.loads(cp.stdout) if cp.stdout.strip().startswith("{") else {}
     pauses = [p["pause_us"] for p in doc.get("processes", []) if p.get("pause_us")]
     n = len(fl.procs)
     return {"exit": cp.returncode, "stderr": cp.stderr.strip()[-300:], "wall_s": round(wall, 3),
-            "inner_s": doc.get("elapsed_s"), "discovery_s": doc.get("discovery_s"), "per_process_ms": round(wall / n * 1000, 2),
+            "inner_s": doc.get("elapsed_s"), "cpu_s": round(cpu, 3), "discovery_s": doc.get("discovery_s"), "per_process_ms": round(wall / n * 1000, 2),
             "applied": doc.get("applied"), "skipped": doc.get("skipped"), "failed": doc.get("failed"),
             "pause_us_max": max(pauses, default=None),
             "pause_us_median": statistics.median(pauses) if pauses else None,
@@ -207,15 +211,16 @@ def one_size(hp: str, built: dict, n: int, jobs: int | None, loop_sample: int, w
 def markdown(res: dict) -> str:
     out = [f"Fleet benchmark, {res['when']}: {res['machine']}; jobs {res['jobs']}; "
            f"load average at start {res['load_before']:.1f}.", "",
-           "| N | apply --all wall | per process | revert --all wall | tool pause max / median | "
+           "| N | apply --all wall | per process | its CPU time | revert --all wall | tool pause max / median | "
            "stall inside any target (max) | idle noise (max) | all harmed? | shell loop per process | "
            "shell loop for N |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
         a, v, lp = r["apply"], r["revert"], r["shell_loop"]
         harmed = "none" if not a["harmed"] and not v["harmed"] and a["new_code_running"] == r["n"] \
             and v["new_code_running"] == r["n"] else f"{len(a['harmed']) + len(v['harmed'])} problems"
-        out.append(f"| {r['n']} | {a['wall_s']:.2f} s | {a['per_process_ms']:.1f} ms | {v['wall_s']:.2f} s | "
+        out.append(f"| {r['n']} | {a['wall_s']:.2f} s | {a['per_process_ms']:.1f} ms | {a['cpu_s']:.2f} s | "
+                   f"{v['wall_s']:.2f} s | "
                    f"{(a['pause_us_max'] or 0) / 1000:.1f} / {(a['pause_us_median'] or 0) / 1000:.2f} ms | "
                    f"{a['stall_us_max'] / 1000:.1f} ms | {r['noise_before']['stall_us_max'] / 1000:.1f} ms | "
                    f"{harmed} | {lp['per_process_ms']:.0f} ms | "
