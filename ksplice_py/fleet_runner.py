@@ -409,7 +409,11 @@ class _Runner:
         """Decide who is concerned; report the skips that need no worker."""
         tasks: list[ProcInfo] = []
         builds: dict[tuple, int] = {}
-        for info in candidates(self.selector):
+        found = candidates(self.selector)
+        for pid in sorted(self.selector.pids - {i.pid for i in found}):  # named, but not there
+            if proc_info(pid) is None:
+                self.result.processes.append(ProcessResult(pid, "?", Outcome.SKIPPED, reason="no such process"))
+        for info in found:
             named = info.pid in self.selector.pids
             if self.action.loads_patch:
                 m = match(info, self.job.wants) if info.unpatchable is not Unpatchable.KERNEL_THREAD \
