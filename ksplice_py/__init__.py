@@ -5,7 +5,8 @@ from .errors import (AccessDenied, AmbiguousSymbol, BadInput, BadPatchFile, Buil
                      SymbolNotFound, TargetGone, TrampolineError, UnknownObject, UnsupportedPatch)
 from .process import CheckReport, Process, attach
 from .discovery import Selector
-from .fleet_runner import Action, FleetResult, Outcome, ProcessEditions, ProcessResult, fleet, fleet_list
+from .fleet_results import Action, FleetResult, Outcome, ProcessResult
+from .fleet_runner import ProcessEditions, fleet, fleet_list
 
 __version__ = "0.1.0"
 __all__ = [

@@ -13,7 +13,8 @@ import sys
 from . import errors, trust
 from .cycle import HarnessChoice
 from .discovery import Selector
-from .fleet_runner import Action, FleetResult, Outcome, Progress, ProcessResult, fleet, fleet_list
+from .fleet_results import Action, FleetResult, Outcome, Progress, ProcessResult
+from .fleet_runner import fleet, fleet_list
 
 FLEET_COMMANDS = tuple(a.value for a in Action) + ("list",)
 _DONE = {Action.APPLY: "applied", Action.CHECK: "fits, could be switched now", Action.PREPARE: "prepared",

@@ -11,7 +11,8 @@ import sys
 from . import audit, errors, trust
 from .cli_fleet import Display
 from .discovery import Selector, Unpatchable, Wants, candidates, editions_of, match
-from .fleet_runner import Action, fleet
+from .fleet_results import Action
+from .fleet_runner import fleet
 from .patchfile import PatchFile
 from .store import Entry, Store, is_sha256
 from .watch import Watcher, printer

@@ -42,7 +42,9 @@ from typing import Callable
 from . import audit
 from .discovery import ProcInfo, Selector, Wants, candidates, match, proc_info, read_maps_of
 from .errors import HotpatchError
-from .fleet_runner import Action, Job, Outcome, fleet
+from .fleet_job import Job
+from .fleet_results import Action, Outcome
+from .fleet_runner import fleet
 from .patchfile import PatchFile
 from .procevents import IN_CLOSE_WRITE, IN_CREATE, IN_DELETE, IN_MOVED_TO, IN_OPEN, ExecEvents, Inotify, Overrun
 from .store import Entry, Store

@@ -39,7 +39,8 @@ import dns.rcode
 
 from .. import errors, trust
 from ..discovery import Selector, editions_of
-from ..fleet_runner import Action, Outcome, fleet
+from ..fleet_results import Action, Outcome
+from ..fleet_runner import fleet
 from ..process import attach
 from . import build as demo_build
 from . import upstream
