@@ -73,7 +73,23 @@ def build(work: Path, hp: str) -> dict[str, Path]:
               str(TESTS / "patches" / "fleet_v2.c")]]
     for cmd in steps:
         subprocess.run(cmd, cwd=work, check=True)
-    return {"exe": work / "fleet_target", "patch": work / "fleet_v2.so"}
+    # Pinned to this build of libfleet.so (its debug info holds this run's
+    # paths): a machine-wide install (watch.py) reaches no one else's copy.
+    pin = f'-DPIN="{build_id(work / "libfleet.so")}"'
+    subprocess.run(["gcc", "-shared", "-fPIC", "-O2", *cflags, pin, "-o", "fleet_v2_pinned.so",
+                    str(TESTS / "patches" / "fleet_v2.c")], cwd=work, check=True)
+    return {"exe": work / "fleet_target", "patch": work / "fleet_v2.so", "pinned": work / "fleet_v2_pinned.so"}
+
+
+def build_id(path: Path) -> str:
+    from elftools.elf.elffile import ELFFile
+    with open(path, "rb") as f:
+        for seg in ELFFile(f).iter_segments():
+            if seg["p_type"] == "PT_NOTE":
+                for note in seg.iter_notes():
+                    if note["n_type"] == "NT_GNU_BUILD_ID":
+                        return note["n_desc"]
+    raise RuntimeError(f"{path} has no build-id")
 
 
 class Fleet:

@@ -3,7 +3,7 @@
 
     python benchmarks/watch.py [--starts 100] [--out DIR]
 
-With fleet_v2.so installed in a temporary store and `hotpatch watch` running,
+With fleet_v2.so (pinned to this run's build of libfleet.so) installed in a temporary store and `hotpatch watch` running,
 start the two-thread fleet target --starts times, one after another, and
 time from just before its fork+exec until its worker returns the patched
 value (its worker calls fleet_compute every millisecond): median and worst,
@@ -53,7 +53,7 @@ def main() -> int:
         work = Path(tmp)
         built = build(work, hp)
         env = dict(os.environ, KSPLICE_PY_STATE_DIR=str(work / "state"))
-        subprocess.run([hp, "install", str(built["patch"])], env=env, check=True, capture_output=True)
+        subprocess.run([hp, "install", str(built["pinned"])], env=env, check=True, capture_output=True)
         watch = subprocess.Popen([hp, "watch", "--json"], env=env, stdout=subprocess.PIPE, text=True)
         events: list[dict] = []
         threading.Thread(target=lambda: [events.append(json.loads(x)) for x in watch.stdout], daemon=True).start()

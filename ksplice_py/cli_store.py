@@ -156,7 +156,8 @@ def _watch(a) -> tuple:
     """Runs until SIGTERM/SIGINT; prints its own lines, so it leaves by
     SystemExit (cli.py's clean exit without a result to print)."""
     from .cli_fleet import _jobs
-    log = audit.AuditLog(a.log_file)  # every patch it applies is audited (syslog, and the file)
+    # every patch it applies is audited (syslog, and the file or the default log)
+    log = audit.AuditLog(a.log_file) if a.log_file else audit.AuditLog.default()
     try:
         rc = Watcher(Store(), printer(a.json), jobs=_jobs(a.jobs), audit_log=log).run()
     finally:

@@ -4,7 +4,7 @@ watch service): what apply / check / prepare / cutover / abort / revert
 sha256, and the per-build warm-up done once before the workers fork."""
 from __future__ import annotations
 
-from . import audit, trampoline, x86writer
+from . import audit, interrupts, trampoline, x86writer
 from . import editions as ed
 from .cycle import HarnessChoice
 from .discovery import ProcInfo, Unpatchable, Wants, proc_info
@@ -51,20 +51,16 @@ class Job:
         False (the process was left as it was; try it again later)."""
         self.budget = self.timeout if budget is None else budget
         self.final = final
-        res = self._run(info)
-        if res is RETRY:
-            return res
-        if res is not None and self.audit_log is not None and self.action.audited \
-                and res.result is not Outcome.SKIPPED:
-            self._audit(info, res)
-        return res
+        interrupts.reset()  # one operation, one point of no return (interrupts.py)
+        return self._run(info)
 
     def _run(self, info: ProcInfo) -> ProcessResult | None:
         def result(outcome: Outcome, **kw) -> ProcessResult:
             return ProcessResult(info.pid, info.name, outcome, **kw)
 
         try:
-            with attach(info.pid) as proc:
+            # Each operation is audited by the library (process.py), to our log.
+            with attach(info.pid, self.audit_log) as proc:
                 if proc.start_time != info.start_time:
                     return result(Outcome.SKIPPED, reason=Unpatchable.GONE.value)
                 return ACTIONS[self.action](self, proc, result)
@@ -148,18 +144,6 @@ class Job:
                           ) if prepared else None
         done = [proc.revert(e.id, timeout=self.budget) for e in applied]  # newest first
         return result(Outcome.APPLIED, edition=done[0].id, pause_us=max(e.pause_us or 0 for e in done))
-
-    def _audit(self, info: ProcInfo, res: ProcessResult) -> None:
-        rec = audit.AuditRecord(action=self.action.value, pid=info.pid, target_start_time=info.start_time,
-                                exe=info.exe, sha256=self.sha256, edition=res.edition,
-                                pause_us=res.pause_us, fleet={"member": True})
-        if self.patch is not None:
-            rec.patch_file(self.patch)
-        rec.finish(res.exit_code, res.reason if res.result is Outcome.FAILED else None)
-        try:
-            self.audit_log.write(rec)
-        except Stop:
-            pass
 
 
 ACTIONS = {Action.APPLY: Job.apply, Action.CHECK: Job.check, Action.PREPARE: Job.prepare,

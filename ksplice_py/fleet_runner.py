@@ -43,7 +43,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-from . import audit
+from . import audit, interrupts
 from . import editions as ed
 from .cycle import HarnessChoice
 from .discovery import (Match, ProcInfo, Selector, Unpatchable, Wants, candidates, carries_patch,
@@ -293,8 +293,9 @@ def _worker_loop(job: Job, task_r: int, result_w: int) -> None:
     """Read a task line, do it, write a result line; until EOF or Stop."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the terminal's Ctrl-C is for the runner
 
-    def on_term(signum, frame):
-        raise Stop()
+    def on_term(signum, frame):  # as cli.py's handler: undo before the switch, complete after it
+        if not interrupts.committed():
+            raise Stop()
     signal.signal(signal.SIGTERM, on_term)
     with os.fdopen(task_r, "rb", buffering=0) as tasks:
         buf = b""
