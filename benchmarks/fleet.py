@@ -82,14 +82,11 @@ def build(work: Path, hp: str) -> dict[str, Path]:
 
 
 def build_id(path: Path) -> str:
-    from elftools.elf.elffile import ELFFile
-    with open(path, "rb") as f:
-        for seg in ELFFile(f).iter_segments():
-            if seg["p_type"] == "PT_NOTE":
-                for note in seg.iter_notes():
-                    if note["n_type"] == "NT_GNU_BUILD_ID":
-                        return note["n_desc"]
-    raise RuntimeError(f"{path} has no build-id")
+    from ksplice_py.symbols import build_id_of  # the library's own reader
+    bid = build_id_of(str(path))
+    if not bid:
+        raise RuntimeError(f"{path} has no build-id")
+    return bid
 
 
 class Fleet:

@@ -14,7 +14,8 @@ import time
 from pathlib import Path
 
 import pytest
-from elftools.elf.elffile import ELFFile
+
+from ksplice_py.symbols import build_id_of
 
 from conftest import (HOTPATCH, TARGETS, _compile, assert_not_stopped, maps_lines, run_hotpatch,
                       tracer_pid, wait_until)
@@ -24,13 +25,9 @@ BASE, NEW = 15, 21  # fleet_compute(3) before / after fleet_v2
 
 
 def build_id(path: Path) -> str:
-    with open(path, "rb") as f:
-        for seg in ELFFile(f).iter_segments():
-            if seg["p_type"] == "PT_NOTE":
-                for n in seg.iter_notes():
-                    if n["n_type"] == "NT_GNU_BUILD_ID":
-                        return n["n_desc"]
-    raise AssertionError(f"{path} has no build-id")
+    bid = build_id_of(str(path))
+    assert bid, f"{path} has no build-id"
+    return bid
 
 
 @pytest.fixture(scope="module")
