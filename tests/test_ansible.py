@@ -1,0 +1,269 @@
+"""The Ansible collection (ansible/ansible_collections/ksplice_py/hotpatch),
+driven for real: ansible-playbook over SSH to three "hosts" (loopback
+addresses served by a throw-away sshd this test starts), each running its
+own service processes (its own copy of tests/targets/service.c, so every
+host's module call is narrowed with ``exe`` to that host's processes only).
+
+The truth is read from the targets themselves (their code, maps, editions
+and the results their workers compute), not only from Ansible's report.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+import loopback_sshd
+from conftest import HOTPATCH, Target, maps_lines, run_hotpatch
+
+REPO = Path(__file__).resolve().parent.parent
+COLLECTIONS = REPO / "ansible"
+COLLECTION = COLLECTIONS / "ansible_collections" / "ksplice_py" / "hotpatch"
+HOSTS = {"h2": "127.0.0.2", "h3": "127.0.0.3", "h4": "127.0.0.4"}
+PROCS_PER_HOST = 2
+WORKERS = 2
+BEFORE, AFTER = 14, 21  # compute(7): x * 2, patched x * 3
+
+
+def _ansible_tool(name: str) -> str | None:
+    beside = Path(sys.executable).parent / name
+    return str(beside) if beside.exists() else shutil.which(name)
+
+
+ANSIBLE_PLAYBOOK = _ansible_tool("ansible-playbook")
+ANSIBLE = _ansible_tool("ansible")
+
+pytestmark = pytest.mark.skipif(ANSIBLE_PLAYBOOK is None,
+                                reason="ansible-core not installed (pip install -e '.[test]')")
+
+RECAP = re.compile(r"^(\S+)\s*:\s*ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)"
+                   r"\s+skipped=(\d+)\s+rescued=(\d+)", re.M)
+
+
+@dataclass
+class Run:
+    cp: subprocess.CompletedProcess
+    recap: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    @property
+    def output(self) -> str:
+        return self.cp.stdout + self.cp.stderr
+
+    def changed(self, host: str) -> int:
+        return self.recap[host]["changed"]
+
+    def failed(self, host: str) -> int:
+        return self.recap[host]["failed"]
+
+
+@dataclass
+class Host:
+    name: str
+    address: str
+    exe: Path
+    patch: Path  # where the playbook puts the patch on this host
+    targets: list[Target]
+    code: dict[int, bytes] = field(default_factory=dict)  # compute's first bytes before anything
+    maps: dict[int, list[str]] = field(default_factory=dict)
+
+
+@pytest.fixture(scope="module")
+def sshd(tmp_path_factory):
+    why = loopback_sshd.missing()
+    if why:
+        pytest.skip(why)
+    server = loopback_sshd.start(tmp_path_factory.mktemp("sshd"), tuple(HOSTS.values()))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def fleet(build, spawn, sshd, tmp_path):
+    """fleet(busy=()) -> {name: Host}: every host's own service processes,
+    started from its own copy of the binary; a host in ``busy`` has one
+    process parked inside the patched function."""
+    service = build.target("service")
+
+    def _fleet(busy: tuple[str, ...] = ()) -> dict[str, Host]:
+        hosts = {}
+        for name, address in HOSTS.items():
+            home = tmp_path / "hosts" / name
+            home.mkdir(parents=True)
+            exe = home / "service"
+            shutil.copy2(service, exe)
+            targets = [spawn(exe, WORKERS, *(["busy"] if name in busy and i == 0 else []))
+                       for i in range(PROCS_PER_HOST)]
+            host = Host(name, address, exe, home / "fix.so", targets)
+            for t in targets:
+                host.code[t.pid], host.maps[t.pid] = t.code(), t.maps()
+            hosts[name] = host
+        return hosts
+
+    return _fleet
+
+
+@pytest.fixture
+def fix(build) -> Path:
+    return build.patch("compute_mul", MUL=3)
+
+
+@pytest.fixture
+def playbook(sshd, tmp_path, fix):
+    """playbook(name, hosts, *ansible-playbook args, **extra vars) -> Run."""
+
+    def _run(name: str, hosts: dict[str, Host], *args: str, **extra) -> Run:
+        inventory = tmp_path / "inventory.yml"
+        inventory.write_text(json.dumps(_inventory(sshd, hosts, fix)))  # JSON is YAML
+        cmd = [ANSIBLE_PLAYBOOK, "-i", str(inventory), f"ksplice_py.hotpatch.{name}", *args]
+        if extra:
+            cmd += ["-e", json.dumps(extra)]
+        cp = subprocess.run(cmd, capture_output=True, text=True, env=_ansible_env(sshd, tmp_path),
+                            cwd=tmp_path, timeout=300)
+        run = Run(cp)
+        for m in RECAP.finditer(cp.stdout):
+            run.recap[m.group(1)] = dict(zip(("ok", "changed", "unreachable", "failed", "skipped", "rescued"),
+                                             map(int, m.groups()[1:])))
+        assert set(run.recap) == set(hosts), f"no recap for every host:\n{run.output}"
+        assert not any(r["unreachable"] for r in run.recap.values()), run.output
+        return run
+
+    return _run
+
+
+def _inventory(sshd, hosts: dict[str, Host], fix: Path) -> dict:
+    python = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
+    env = {"KSPLICE_PY_CACHE": os.environ["KSPLICE_PY_CACHE"]} if "KSPLICE_PY_CACHE" in os.environ else {}
+    return {"all": {
+        "vars": {
+            "ansible_user": "root",
+            "ansible_port": sshd.port,
+            "ansible_ssh_private_key_file": str(sshd.client_key),
+            "ansible_ssh_common_args": sshd.ssh_args(),
+            "ansible_python_interpreter": python,  # the host's Python: the module needs no ksplice_py
+            "hotpatch_executable": HOTPATCH,
+            "hotpatch_environment": env,
+            "hotpatch_src": str(fix),
+            "hotpatch_timeout": 1,
+        },
+        "hosts": {h.name: {"ansible_host": h.address, "hotpatch_exe": [str(h.exe)],
+                           "hotpatch_patch": str(h.patch), "target_pid": h.targets[0].pid}
+                  for h in hosts.values()},
+    }}
+
+
+def _ansible_env(sshd, tmp_path: Path) -> dict:
+    home = sshd.client_key.parent  # short: ssh control sockets have a path limit
+    return {**os.environ,
+            "ANSIBLE_COLLECTIONS_PATH": str(COLLECTIONS),
+            "ANSIBLE_HOME": str(tmp_path / "ansible-home"),
+            "ANSIBLE_LOCAL_TEMP": str(tmp_path / "ansible-local"),
+            "ANSIBLE_REMOTE_TEMP": str(tmp_path / "ansible-remote"),
+            "ANSIBLE_SSH_CONTROL_PATH_DIR": str(home / "cp"),
+            "ANSIBLE_PIPELINING": "true",
+            "ANSIBLE_NOCOLOR": "true",
+            "ANSIBLE_RETRY_FILES_ENABLED": "false",
+            "ANSIBLE_FORKS": "5"}
+
+
+# -- the truth, from the targets ---------------------------------------------------
+
+def editions(t: Target) -> list[dict]:
+    cp = run_hotpatch("list", t.pid, "--json")
+    assert cp.returncode == 0, cp.stderr
+    return json.loads(cp.stdout)
+
+
+def assert_patched(t: Target, sha: str) -> None:
+    t.assert_alive()
+    eds = editions(t)
+    assert [(e["state"], e["sha256"]) for e in eds] == [("applied", sha)], eds
+    t.wait_all_return(AFTER, timeout=5)
+    t.assert_healthy()
+
+
+def assert_untouched(host: Host, t: Target) -> None:
+    """Running exactly as before: same code, same mappings (less the tool's
+    injector page), no edition, the old results."""
+    t.assert_running()
+    assert editions(t) == [], f"pid {t.pid} on {host.name} carries editions"
+    assert t.code() == host.code[t.pid], f"pid {t.pid} on {host.name}: code changed"
+    assert maps_lines(t.pid) == host.maps[t.pid], f"pid {t.pid} on {host.name}: mappings changed"
+    t.wait_all_return(BEFORE, timeout=5)
+    t.assert_healthy()
+
+
+def sha256_of(path: Path) -> str:
+    import hashlib
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# -- the tests -----------------------------------------------------------------------
+
+def test_one_pid_per_host_idempotent_check_mode_and_busy(fleet, sshd, tmp_path, fix):
+    """The module with ``pid`` (today's single-process commands), ad hoc on
+    three hosts: applied where it can be, the busy host fails with the tool's
+    reason and is untouched, a second run changes nothing, check mode
+    changes nothing, and a revert leaves every target as it was."""
+    hosts = fleet(busy=("h3",))
+    for h in hosts.values():
+        shutil.copy2(fix, h.patch)
+        h.patch.chmod(0o600)
+    sha = sha256_of(fix)
+    args = {"patch": "{{ hotpatch_patch }}", "pid": "{{ target_pid }}",
+            "executable": "{{ hotpatch_executable }}", "timeout": 1}
+
+    def adhoc(*extra: str, **changes) -> dict[str, dict]:
+        tree = tmp_path / f"tree{len(list(tmp_path.glob('tree*')))}"
+        inventory = tmp_path / "inventory.yml"
+        inventory.write_text(json.dumps(_inventory(sshd, hosts, fix)))
+        cp = subprocess.run([ANSIBLE, "-i", str(inventory), "all", "-m", "ksplice_py.hotpatch.patch",
+                             "-a", json.dumps({**args, **changes}), "--tree", str(tree), *extra],
+                            capture_output=True, text=True, env=_ansible_env(sshd, tmp_path), cwd=tmp_path,
+                            timeout=300)
+        results = {f.name: json.loads(f.read_text()) for f in tree.iterdir()}
+        assert set(results) == set(hosts), f"{cp.stdout}\n{cp.stderr}"
+        return results
+
+    first = adhoc()
+    for name in ("h2", "h4"):
+        r = first[name]
+        assert r["changed"] and r["rc"] == 0, r
+        (proc,) = r["processes"]
+        assert proc["pid"] == hosts[name].targets[0].pid and proc["result"] == "applied", proc
+        assert proc["edition"] == 1 and proc["pause_us"] > 0 and proc["exit_code"] == 0, proc
+        assert_patched(hosts[name].targets[0], sha)
+    busy = first["h3"]
+    assert busy["rc"] == 3 and not busy["changed"], busy  # (--tree leaves out "failed")
+    assert busy["msg"].startswith("hotpatch: no safe moment"), busy["msg"]
+    assert busy["rc"] == 3 and busy["processes"][0]["exit_code"] == 3, busy
+    assert_untouched(hosts["h3"], hosts["h3"].targets[0])
+
+    again = adhoc()
+    for name in ("h2", "h4"):
+        assert not again[name]["changed"], again[name]
+        assert again[name]["processes"][0]["reason"] == "already applied as edition 1", again[name]
+
+    probe = adhoc("--check")  # h3: the patch fits, no moment is safe now: a warning, not a failure
+    for name in HOSTS:
+        assert probe[name]["rc"] == 0, probe[name]
+    assert not probe["h2"]["changed"] and probe["h3"]["changed"], probe
+    assert_untouched(hosts["h3"], hosts["h3"].targets[0])
+
+    dry = adhoc("--check", state="reverted")
+    assert dry["h2"]["changed"] and dry["h2"]["processes"][0]["reason"] == "check mode: would revert", dry
+    assert not dry["h3"]["changed"], dry["h3"]
+    assert_patched(hosts["h2"].targets[0], sha)
+
+    undone = adhoc(state="reverted")
+    assert undone["h2"]["changed"] and undone["h4"]["changed"] and not undone["h3"]["changed"], undone
+    for h in hosts.values():
+        for t in h.targets:
+            assert_untouched(h, t)
+    assert not any(r["changed"] for r in adhoc(state="reverted").values())
