@@ -4,6 +4,8 @@ from .errors import (AccessDenied, AmbiguousSymbol, BadInput, BadPatchFile, Buil
                      HotpatchError, NoSuchProcess, NotQuiescent, PatchMismatch, RemoteError,
                      SymbolNotFound, TargetGone, TrampolineError, UnknownObject, UnsupportedPatch)
 from .process import CheckReport, Process, attach
+from .discovery import Selector
+from .fleet_runner import Action, FleetResult, Outcome, ProcessEditions, ProcessResult, fleet, fleet_list
 
 __version__ = "0.1.0"
 __all__ = [
@@ -11,4 +13,6 @@ __all__ = [
     "NoSuchProcess", "AccessDenied", "BadPatchFile", "NotQuiescent", "PatchMismatch",
     "SymbolNotFound", "AmbiguousSymbol", "UnknownObject", "BuildIdMismatch", "TrampolineError",
     "UnsupportedPatch", "TargetGone", "RemoteError",
+    "fleet", "fleet_list", "Selector", "Action", "Outcome", "ProcessResult", "FleetResult",
+    "ProcessEditions",
 ]

@@ -65,6 +65,7 @@ class AuditRecord:
     exit_code: int = 0
     error: str | None = None
     pause_us: float | None = None
+    fleet: dict | None = None  # --all: the summary record's counts, or {"member": true} per process
     user: dict = field(default_factory=invoking_user)
     time: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     tool_pid: int = field(default_factory=os.getpid)

@@ -17,7 +17,7 @@ import signal
 import sys
 from typing import Callable
 
-from . import audit, errors, harness, trust
+from . import audit, cli_fleet, errors, harness, trust
 from .cycle import HarnessChoice
 from .patchfile import PatchFile, cflags
 from .process import Process, attach
@@ -281,6 +281,16 @@ COMMANDS: dict[str, Callable] = {
 }
 
 
+# -- fleet: ACTION --all PATCH, list --all (cli_fleet.py, its own parser) --------
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    if not cli_fleet.wants(argv):
+        return build_parser().parse_args(argv)
+    args = cli_fleet.parser(_Parser(prog="hotpatch").error).parse_args(argv)
+    args.pid, args.handler = "", cli_fleet.do_fleet  # no single pid: one record per process
+    return args
+
+
 # -- entry point --------------------------------------------------------------
 
 def _on_signal(signum, frame):
@@ -322,7 +332,7 @@ class _Session:
 def _run(argv: list[str], as_json: bool, session: _Session) -> tuple[int, str | None, dict | None]:
     """(exit code, error line or None, details for --json)."""
     try:
-        args = build_parser().parse_args(argv)
+        args = _parse(argv)
         if not args.command:
             raise _Usage("no command given")
         session.record.action = args.command
@@ -331,7 +341,8 @@ def _run(argv: list[str], as_json: bool, session: _Session) -> tuple[int, str | 
             if args.pid.isdigit():
                 session.record.pid = int(args.pid)
             session.trail = audit.AuditLog(args.log_file)  # opened before the target is touched
-        data, text, *code = COMMANDS[args.command](args)
+            args.audit_log = session.trail
+        data, text, *code = (getattr(args, "handler", None) or COMMANDS[args.command])(args)
         print(json.dumps(data, indent=2) if as_json else text)
         return (code[0] if code else 0), None, None
     except errors.HotpatchError as e:
