@@ -118,9 +118,9 @@ def fix(build) -> Path:
 def playbook(sshd, tmp_path, fix):
     """playbook(name, hosts, *ansible-playbook args, **extra vars) -> Run."""
 
-    def _run(name: str, hosts: dict[str, Host], *args: str, **extra) -> Run:
+    def _run(name: str, hosts: dict[str, Host], *args: str, copy: bool = True, **extra) -> Run:
         inventory = tmp_path / "inventory.yml"
-        inventory.write_text(json.dumps(_inventory(sshd, hosts, fix)))  # JSON is YAML
+        inventory.write_text(json.dumps(_inventory(sshd, hosts, fix if copy else None)))  # JSON is YAML
         cmd = [ANSIBLE_PLAYBOOK, "-i", str(inventory), f"ksplice_py.hotpatch.{name}", *args]
         if extra:
             cmd += ["-e", json.dumps(extra)]
@@ -137,7 +137,9 @@ def playbook(sshd, tmp_path, fix):
     return _run
 
 
-def _inventory(sshd, hosts: dict[str, Host], fix: Path) -> dict:
+def _inventory(sshd, hosts: dict[str, Host], fix: Path | None) -> dict:
+    """Every host's own processes (hotpatch_exe) and patch path; the playbook
+    copies ``fix`` there (hotpatch_src) unless it is None."""
     python = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
     env = {"KSPLICE_PY_CACHE": os.environ["KSPLICE_PY_CACHE"]} if "KSPLICE_PY_CACHE" in os.environ else {}
     return {"all": {
@@ -149,8 +151,8 @@ def _inventory(sshd, hosts: dict[str, Host], fix: Path) -> dict:
             "ansible_python_interpreter": python,  # the host's Python: the module needs no ksplice_py
             "hotpatch_executable": HOTPATCH,
             "hotpatch_environment": env,
-            "hotpatch_src": str(fix),
             "hotpatch_timeout": 1,
+            **({"hotpatch_src": str(fix)} if fix else {}),
         },
         "hosts": {h.name: {"ansible_host": h.address, "hotpatch_exe": [str(h.exe)],
                            "hotpatch_patch": str(h.patch), "target_pid": h.targets[0].pid}
@@ -199,6 +201,12 @@ def assert_untouched(host: Host, t: Target) -> None:
     t.assert_healthy()
 
 
+def place_patch(hosts: dict[str, Host], fix: Path) -> None:
+    for h in hosts.values():
+        shutil.copy2(fix, h.patch)
+        h.patch.chmod(0o600)
+
+
 def sha256_of(path: Path) -> str:
     import hashlib
     return hashlib.sha256(path.read_bytes()).hexdigest()
@@ -212,9 +220,7 @@ def test_one_pid_per_host_idempotent_check_mode_and_busy(fleet, sshd, tmp_path, 
     reason and is untouched, a second run changes nothing, check mode
     changes nothing, and a revert leaves every target as it was."""
     hosts = fleet(busy=("h3",))
-    for h in hosts.values():
-        shutil.copy2(fix, h.patch)
-        h.patch.chmod(0o600)
+    place_patch(hosts, fix)
     sha = sha256_of(fix)
     args = {"patch": "{{ hotpatch_patch }}", "pid": "{{ target_pid }}",
             "executable": "{{ hotpatch_executable }}", "timeout": 1}
@@ -256,14 +262,72 @@ def test_one_pid_per_host_idempotent_check_mode_and_busy(fleet, sshd, tmp_path, 
     assert not probe["h2"]["changed"] and probe["h3"]["changed"], probe
     assert_untouched(hosts["h3"], hosts["h3"].targets[0])
 
-    dry = adhoc("--check", state="reverted")
-    assert dry["h2"]["changed"] and dry["h2"]["processes"][0]["reason"] == "check mode: would revert", dry
-    assert not dry["h3"]["changed"], dry["h3"]
-    assert_patched(hosts["h2"].targets[0], sha)
-
     undone = adhoc(state="reverted")
     assert undone["h2"]["changed"] and undone["h4"]["changed"] and not undone["h3"]["changed"], undone
     for h in hosts.values():
         for t in h.targets:
             assert_untouched(h, t)
-    assert not any(r["changed"] for r in adhoc(state="reverted").values())
+
+
+def test_cutover_playbook_check_mode_then_every_host_then_nothing_changed(fleet, playbook, fix):
+    """The example playbook on three healthy hosts: a dry run touches
+    nothing; the real run patches every process of every host, batch by
+    batch; a second run and a dry run then report nothing to change."""
+    hosts = fleet()
+    sha = sha256_of(fix)
+    place_patch(hosts, fix)  # a dry run copies nothing
+    dry = playbook("fleet_cutover", hosts, "--check", copy=False)
+    assert dry.cp.returncode == 0, dry.output
+    for h in hosts.values():
+        assert dry.changed(h.name) == 1, dry.output  # would prepare
+        for t in h.targets:
+            assert_untouched(h, t)
+
+    run = playbook("fleet_cutover", hosts)
+    assert run.cp.returncode == 0, run.output
+    for h in hosts.values():
+        assert run.failed(h.name) == 0 and run.changed(h.name) == 2, run.output  # prepare, cutover
+        for t in h.targets:
+            assert_patched(t, sha)
+    assert run.output.count("2 processes run the patch") == len(hosts), run.output
+
+    again = playbook("fleet_cutover", hosts, hotpatch_serial=len(hosts))
+    assert again.cp.returncode == 0, again.output
+    assert all(again.changed(h) == 0 and again.failed(h) == 0 for h in hosts), again.output
+    dry = playbook("fleet_cutover", hosts, "--check", hotpatch_serial=len(hosts))
+    assert dry.cp.returncode == 0, dry.output
+    assert all(dry.changed(h) == 0 for h in hosts), dry.output
+    for h in hosts.values():
+        for t in h.targets:
+            assert_patched(t, sha)
+
+
+def test_busy_host_abort_path_then_apply_where_possible(fleet, playbook, fix):
+    """h3 has a process parked inside the patched function. The cutover
+    playbook in batches of one host: h2 is switched, h3 finds no safe moment;
+    the rescue aborts the prepared editions everywhere and reverts h2
+    (rollback), h4 is never switched: every target is as it was. Then the
+    apply playbook: h3 fails with the tool's reason, the others are patched."""
+    hosts = fleet(busy=("h3",))
+    sha = sha256_of(fix)
+    run = playbook("fleet_cutover", hosts, hotpatch_serial=1, hotpatch_rollback=True)
+    assert run.cp.returncode == 2, run.output  # ansible-playbook: a host failed
+    assert run.failed("h3") == 1 and run.failed("h2") == run.failed("h4") == 0, run.output
+    assert "no safe moment" in run.output, run.output
+    assert "aborted on every host and the switched ones reverted" in run.output, run.output
+    for h in hosts.values():
+        for t in h.targets:
+            assert_untouched(h, t)
+
+    run = playbook("apply", hosts)
+    assert run.cp.returncode == 2, run.output
+    for name in ("h2", "h4"):
+        assert run.failed(name) == 0 and run.changed(name) == 1, run.output  # the copy was done above
+        for t in hosts[name].targets:
+            assert_patched(t, sha)
+    assert run.failed("h3") == 1, run.output
+    busy, other = hosts["h3"].targets
+    assert re.search(rf"\[h3\].*hotpatch: process {busy.pid} \(service\): no safe moment to switch",
+                     run.output), run.output
+    assert_untouched(hosts["h3"], busy)
+    assert_patched(other, sha)  # a process failing never stops or harms the others
