@@ -212,6 +212,66 @@ def sha256_of(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+# -- the collection itself ------------------------------------------------------------
+
+def _ansible_test_root() -> Path:
+    import ansible_test
+    return Path(ansible_test.__file__).parent
+
+
+def test_module_docs_and_argument_specs_validate():
+    """ansible-test's validate-modules (documentation schema, the argument
+    spec against the docs, return docs), run directly: ``ansible-test
+    sanity`` wants to bootstrap pip from the network into fresh venvs."""
+    pytest.importorskip("voluptuous", reason="validate-modules needs voluptuous (test extra)")
+    pytest.importorskip("antsibull_docs_parser", reason="validate-modules needs antsibull-docs-parser (test extra)")
+    validate = _ansible_test_root() / "_util/controller/sanity/validate-modules/validate.py"
+    version = re.search(r"^version: (\S+)", (COLLECTION / "galaxy.yml").read_text(), re.M).group(1)
+    modules = sorted(str(p.relative_to(COLLECTION)) for p in (COLLECTION / "plugins/modules").glob("*.py"))
+    cp = subprocess.run([sys.executable, str(validate), "--format", "json", "--arg-spec",
+                         "--collection", "ansible_collections/ksplice_py/hotpatch", "--collection-version", version,
+                         *modules], cwd=COLLECTION, capture_output=True, text=True, timeout=120,
+                        env={**os.environ, "PYTHONPATH": str(COLLECTIONS), "ANSIBLE_COLLECTIONS_PATH": str(COLLECTIONS)})
+    assert cp.returncode in (0, 3) and not cp.stderr.strip(), cp.stderr
+    report = json.loads(cp.stdout)
+    assert set(report) == set(modules), report
+    # The project is MIT-licensed; the GPLv3 header is Ansible's own modules' convention
+    # (waived in tests/sanity/ignore-*.txt for ansible-test).
+    problems = {path: [e for e in r["errors"] if e["code"] != "missing-gplv3-license"] + r["warnings"]
+                for path, r in report.items()}
+    assert not any(problems.values()), json.dumps(problems, indent=1)
+
+
+def test_collection_builds_and_its_files_are_clean(tmp_path):
+    """ansible-galaxy builds it; the playbooks parse; YAML and Python pass
+    ansible-test's yamllint and pep8 settings."""
+    galaxy = _ansible_tool("ansible-galaxy")
+    cp = subprocess.run([galaxy, "collection", "build", str(COLLECTION), "--output-path", str(tmp_path)],
+                        capture_output=True, text=True, timeout=120)
+    assert cp.returncode == 0, cp.stdout + cp.stderr
+    import tarfile
+    (tarball,) = tmp_path.glob("ksplice_py-hotpatch-*.tar.gz")
+    with tarfile.open(tarball) as tar:
+        names = set(tar.getnames())
+    assert {"README.md", "plugins/modules/patch.py", "plugins/modules/status.py",
+            "plugins/module_utils/hotpatch.py", "playbooks/fleet_cutover.yml", "playbooks/apply.yml",
+            "roles/install/tasks/main.yml"} <= names, names
+    env = {**os.environ, "ANSIBLE_COLLECTIONS_PATH": str(COLLECTIONS), "ANSIBLE_HOME": str(tmp_path / "home")}
+    for book in ("fleet_cutover", "apply"):
+        cp = subprocess.run([ANSIBLE_PLAYBOOK, "--syntax-check", "-i", "localhost,", f"ksplice_py.hotpatch.{book}"],
+                            capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+        assert cp.returncode == 0, cp.stdout + cp.stderr
+    yamllint = _ansible_tool("yamllint")
+    if yamllint:
+        config = _ansible_test_root() / "_util/controller/sanity/yamllint/config/default.yml"
+        cp = subprocess.run([yamllint, "-s", "-c", str(config), "."], cwd=COLLECTION, capture_output=True, text=True)
+        assert cp.returncode == 0, cp.stdout + cp.stderr
+    pycodestyle = pytest.importorskip("pycodestyle", reason="pep8 check needs pycodestyle (test extra)")
+    style = pycodestyle.StyleGuide(max_line_length=160, ignore=["E402", "W503", "W504", "E741"], quiet=True)
+    report = style.check_files([str(p) for p in (COLLECTION / "plugins").rglob("*.py")])
+    assert report.total_errors == 0, report.get_statistics()
+
+
 # -- the tests -----------------------------------------------------------------------
 
 def test_one_pid_per_host_idempotent_check_mode_and_busy(fleet, sshd, tmp_path, fix):

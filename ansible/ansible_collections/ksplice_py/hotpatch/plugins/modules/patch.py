@@ -26,7 +26,9 @@ description:
   - C(hotpatch) must be installed on the managed host (see the P(ksplice_py.hotpatch.install#role)
     role); the module searches E(PATH), C(/opt/ksplice_py/bin) and C(/usr/local/bin).
 author:
-  - ksplice_py contributors
+  - ksplice_py contributors (!UNKNOWN)
+extends_documentation_fragment:
+  - ansible.builtin.action_common_attributes
 options:
   patch:
     description:
@@ -132,6 +134,8 @@ attributes:
     support: full
   diff_mode:
     support: none
+  platform:
+    platforms: posix
 """
 
 EXAMPLES = r"""
@@ -450,8 +454,8 @@ def first_failure(failed):
     """The host's one-line error: the tool's, for the first process that failed."""
     first = failed[0]
     more = " (and %d more processes failed)" % (len(failed) - 1) if len(failed) > 1 else ""
-    return "hotpatch: process %s (%s): %s%s" % (first["pid"], first.get("name", "?"),
-                                              first.get("reason") or "failed", more)
+    reason = first.get("reason") or "failed"
+    return "hotpatch: process %s (%s): %s%s" % (first["pid"], first.get("name", "?"), reason, more)
 
 
 def check_all(r):

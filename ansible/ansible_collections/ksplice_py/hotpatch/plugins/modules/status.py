@@ -16,7 +16,9 @@ description:
   - Optionally narrowed to the editions of one patch file (O(patch), matched by content) and
     to some processes (O(pids), O(exe)).
 author:
-  - ksplice_py contributors
+  - ksplice_py contributors (!UNKNOWN)
+extends_documentation_fragment:
+  - ansible.builtin.action_common_attributes
 options:
   pid:
     description:
@@ -58,6 +60,8 @@ attributes:
     support: full
   diff_mode:
     support: none
+  platform:
+    platforms: posix
 """
 
 EXAMPLES = r"""
