@@ -70,6 +70,18 @@ def is_usage_error(outcome):
     return outcome.rc == 2 and "unrecognized arguments" in outcome.error
 
 
+def selection(params):
+    """The narrowing options (``pids``, ``exe``, ``user``) as ``hotpatch ... --all`` spells them."""
+    args = []
+    if params.get("pids"):
+        args += ["--pids", ",".join(str(pid) for pid in params["pids"])]
+    for exe in params.get("exe") or []:
+        args += ["--exe", exe]
+    if params.get("user"):
+        args += ["--user", params["user"]]
+    return args
+
+
 def file_sha256(module, path):
     """sha256 of the patch file on this host: how editions are recognised."""
     digest = hashlib.sha256()

@@ -29,6 +29,7 @@ author:
   - ksplice_py contributors (!UNKNOWN)
 extends_documentation_fragment:
   - ansible.builtin.action_common_attributes
+  - ksplice_py.hotpatch.hotpatch
 options:
   patch:
     description:
@@ -115,11 +116,6 @@ options:
       - Also append the audit record of each change to this file on the managed host (it
         always goes to syslog).
     type: path
-  executable:
-    description:
-      - Path of the C(hotpatch) command on the managed host, when it is not found on E(PATH),
-        in C(/opt/ksplice_py/bin) or in C(/usr/local/bin).
-    type: path
 notes:
   - Check mode is supported. It reports what would change without changing any process (see
     O(probe)).
@@ -129,13 +125,6 @@ notes:
     not fit, 1 anything else.
 seealso:
   - module: ksplice_py.hotpatch.status
-attributes:
-  check_mode:
-    support: full
-  diff_mode:
-    support: none
-  platform:
-    platforms: posix
 """
 
 EXAMPLES = r"""
@@ -247,7 +236,8 @@ sha256:
 
 from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.ksplice_py.hotpatch.plugins.module_utils.hotpatch import (
-    APPLIED, FAILED, SKIPPED, file_sha256, find_hotpatch, is_usage_error, process_result, run, summary)
+    APPLIED, FAILED, SKIPPED, file_sha256, find_hotpatch, is_usage_error, process_result, run, selection,
+    summary)
 
 # state -> the hotpatch command that reaches it
 VERB = {"applied": "apply", "prepared": "prepare", "cutover": "cutover",
@@ -418,18 +408,6 @@ def check_one(r, pid, steps):
 
 
 # -- every matching process (hotpatch VERB --all) -----------------------------------
-
-def selection(params):
-    """The narrowing options, as ``hotpatch ... --all`` spells them."""
-    args = []
-    if params["pids"]:
-        args += ["--pids", ",".join(str(pid) for pid in params["pids"])]
-    for exe in params["exe"] or []:
-        args += ["--exe", exe]
-    if params["user"]:
-        args += ["--user", params["user"]]
-    return args
-
 
 def all_processes(r):
     p = r.module.params

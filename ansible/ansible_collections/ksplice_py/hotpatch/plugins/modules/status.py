@@ -19,6 +19,7 @@ author:
   - ksplice_py contributors (!UNKNOWN)
 extends_documentation_fragment:
   - ansible.builtin.action_common_attributes
+  - ksplice_py.hotpatch.hotpatch
 options:
   pid:
     description:
@@ -37,31 +38,19 @@ options:
     type: path
   pids:
     description:
-      - Only report these processes.
+      - With O(all), only report these processes.
     type: list
     elements: int
   exe:
     description:
-      - Only report processes running one of these executables.
+      - With O(all), only report processes running one of these executables.
     type: list
     elements: path
-  executable:
-    description:
-      - Path of the C(hotpatch) command on the managed host, when it is not found on E(PATH),
-        in C(/opt/ksplice_py/bin) or in C(/usr/local/bin).
-    type: path
 notes:
   - Needs root (it reads the editions from the processes' memory).
   - C(hotpatch list --all) needs a C(hotpatch) with the machine-wide commands.
 seealso:
   - module: ksplice_py.hotpatch.patch
-attributes:
-  check_mode:
-    support: full
-  diff_mode:
-    support: none
-  platform:
-    platforms: posix
 """
 
 EXAMPLES = r"""
@@ -128,7 +117,7 @@ import os
 
 from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.ksplice_py.hotpatch.plugins.module_utils.hotpatch import (
-    file_sha256, find_hotpatch, is_usage_error, process_name, run)
+    file_sha256, find_hotpatch, is_usage_error, process_name, run, selection)
 
 
 def exe_of(pid):
@@ -139,21 +128,22 @@ def exe_of(pid):
 
 
 def listed(module, hotpatch):
-    """[(pid, editions)] from ``hotpatch list``, one process or all."""
+    """[(pid, exe, editions)] from ``hotpatch list``: one process, or every
+    process the narrowing options allow (the tool applies them)."""
     p = module.params
     if p["pid"] is not None:
         out = run(module, hotpatch, ["list", p["pid"]])
         if out.rc != 0:
             module.fail_json(msg=out.error, rc=out.rc)
-        return [(p["pid"], out.data or [])]
-    out = run(module, hotpatch, ["list", "--all"])
+        return [(p["pid"], exe_of(p["pid"]), out.data or [])]
+    out = run(module, hotpatch, ["list", "--all"] + selection(p))
     if is_usage_error(out):
         module.fail_json(msg="the hotpatch on this host has no machine-wide commands (%s); use pid"
                              % out.reason, rc=out.rc)
     if out.rc != 0:
         module.fail_json(msg=out.error, rc=out.rc)
     data = out.data if isinstance(out.data, dict) else {}
-    return [(x["pid"], x.get("editions", [])) for x in data.get("processes", [])]
+    return [(x["pid"], x.get("exe", ""), x.get("editions", [])) for x in data.get("processes", [])]
 
 
 def main():
@@ -170,14 +160,8 @@ def main():
     )
     p = module.params
     sha = file_sha256(module, p["patch"]) if p["patch"] else None
-    exes = set(p["exe"] or [])
     processes = []
-    for pid, editions in listed(module, find_hotpatch(module)):
-        if p["pids"] and pid not in p["pids"]:
-            continue
-        exe = exe_of(pid)
-        if exes and exe not in exes:
-            continue
+    for pid, exe, editions in listed(module, find_hotpatch(module)):
         if sha:
             editions = [e for e in editions if e.get("sha256") == sha]
         if not editions:
