@@ -66,8 +66,10 @@ def run(module, hotpatch, args):
 
 
 def is_usage_error(outcome):
-    """Exit 2 naming an option: an older ``hotpatch`` without that form."""
-    return outcome.rc == 2 and "unrecognized arguments" in outcome.error
+    """A usage error from an older ``hotpatch`` without the ``--all`` forms
+    (it then wants a pid, or does not know the option)."""
+    return outcome.rc == 2 and ("unrecognized arguments" in outcome.error
+                                or "arguments are required" in outcome.error)
 
 
 def selection(params):
