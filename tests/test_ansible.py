@@ -176,7 +176,11 @@ def _ansible_env(sshd, tmp_path: Path) -> dict:
             "ANSIBLE_PIPELINING": "true",
             "ANSIBLE_NOCOLOR": "true",
             "ANSIBLE_RETRY_FILES_ENABLED": "false",
-            "ANSIBLE_FORKS": "5"}
+            # One host at a time: the three "hosts" share one kernel here, and two
+            # `hotpatch ... --all` runs at once on one machine (different --exe)
+            # were seen to fail a process with EPERM from PTRACE_SEIZE under heavy
+            # load (notes/issue-13); real hosts each have their own.
+            "ANSIBLE_FORKS": "1"}
 
 
 # -- the truth, from the targets ---------------------------------------------------
@@ -262,8 +266,10 @@ def test_collection_builds_and_its_files_are_clean(tmp_path):
             "plugins/module_utils/hotpatch.py", "playbooks/fleet_cutover.yml", "playbooks/apply.yml",
             "roles/install/tasks/main.yml"} <= names, names
     env = {**os.environ, "ANSIBLE_COLLECTIONS_PATH": str(COLLECTIONS), "ANSIBLE_HOME": str(tmp_path / "home")}
-    for book in ("fleet_cutover", "apply"):
-        cp = subprocess.run([ANSIBLE_PLAYBOOK, "--syntax-check", "-i", "localhost,", f"ksplice_py.hotpatch.{book}"],
+    install = tmp_path / "install.yml"  # the role, as the collection README uses it
+    install.write_text("- hosts: all\n  roles:\n    - role: ksplice_py.hotpatch.install\n")
+    for book in ("ksplice_py.hotpatch.fleet_cutover", "ksplice_py.hotpatch.apply", str(install)):
+        cp = subprocess.run([ANSIBLE_PLAYBOOK, "--syntax-check", "-i", "localhost,", book],
                             capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
         assert cp.returncode == 0, cp.stdout + cp.stderr
     yamllint = _ansible_tool("yamllint")
