@@ -36,6 +36,13 @@ class LoopbackSshd:
         """ssh options that trust exactly this server's host key."""
         return f"-o UserKnownHostsFile={self.known_hosts} -o StrictHostKeyChecking=yes -o BatchMode=yes"
 
+    def close_masters(self, control_dir: Path) -> None:
+        """End the ssh multiplexing masters (ControlPersist) left in ``control_dir``,
+        and with them their sessions on this server."""
+        for sock in control_dir.glob("*") if control_dir.is_dir() else ():
+            subprocess.run(["ssh", "-o", f"ControlPath={sock}", "-O", "exit", "any"],
+                           capture_output=True, timeout=10)
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.terminate()

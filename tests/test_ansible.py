@@ -82,6 +82,7 @@ def sshd(tmp_path_factory):
         pytest.skip(why)
     server = loopback_sshd.start(tmp_path_factory.mktemp("sshd"), tuple(HOSTS.values()))
     yield server
+    server.close_masters(server.client_key.parent / "cp")  # Ansible's ControlPersist connections
     server.stop()
 
 
