@@ -1,6 +1,6 @@
 """`hotpatch`: a thin layer that parses, calls the library, and prints.
 
-Exit codes (design.md): 0 done, 2 bad usage/input, 3 no safe moment,
+Exit codes (docs/design.md): 0 done, 2 bad usage/input, 3 no safe moment,
 4 patch does not fit, 1 anything else. Errors are one line on stderr.
 
 Hardening (docs/security.md): patch files are read once through trust.py
@@ -17,14 +17,10 @@ import signal
 import sys
 from typing import Callable
 
-from . import audit, cli_fleet, errors, harness, trust
+from . import audit, cli_fleet, cli_store, errors, harness, trust
 from .cycle import HarnessChoice
 from .patchfile import PatchFile, cflags
 from .process import Process, attach
-
-
-class _Usage(errors.BadInput):
-    pass
 
 
 class Interrupted(BaseException):
@@ -33,12 +29,12 @@ class Interrupted(BaseException):
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit 2, no usage dump
-        raise _Usage(f"{message} (see hotpatch --help)")
+        raise errors.UsageError(f"{message} (see hotpatch --help)")
 
 
 def _pid(text: str) -> int:
     if not text.isdigit():
-        raise _Usage(f"pid must be a number, not {text!r}")
+        raise errors.UsageError(f"pid must be a number, not {text!r}")
     return int(text)
 
 
@@ -46,9 +42,9 @@ def _seconds(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise _Usage(f"--timeout takes seconds, not {text!r}") from None
+        raise errors.UsageError(f"--timeout takes seconds, not {text!r}") from None
     if not 0 < value <= 86400:
-        raise _Usage("--timeout must be between 0 and 86400 seconds")
+        raise errors.UsageError("--timeout must be between 0 and 86400 seconds")
     return value
 
 
@@ -105,6 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
     cmd("cflags", "compiler flags for building patches")
     cmd("harnesses", "the quiescence harnesses installed")
     sub.add_parser("demo", help="the live DNS-server demo (hotpatch demo --help)", add_help=False)
+    # Parsed by cli_store.py; listed here for --help. (`--all` forms: cli_fleet.py.)
+    for name, text in (("install", "store a patch; apply it to every matching process, now and later"),
+                       ("uninstall", "remove an installed patch and revert it everywhere"),
+                       ("installed", "installed patches, who carries them, who does not and why"),
+                       ("watch", "service: apply installed patches to processes as they start")):
+        sub.add_parser(name, help=text, add_help=False)
     return p
 
 
@@ -146,7 +148,7 @@ def _patch(a) -> PatchFile:
 
 def _attach(a) -> Process:
     proc = attach(_pid(a.pid))
-    a.audit.target(proc)
+    a.audit.target(proc.target)
     return proc
 
 
@@ -169,7 +171,7 @@ def do_apply(a) -> tuple[dict, str]:
     return e.to_dict() | {"pid": int(a.pid)}, text
 
 
-def do_check(a) -> tuple[dict, str]:
+def do_check(a) -> tuple[dict, str] | tuple[dict, str, int]:
     patch = _patch(a)
     with _attach(a) as proc:
         r = proc.check(patch, harnesses=_choice(a))
@@ -200,7 +202,7 @@ def _edition_id(text: str | None) -> int | None:
     if text is None:
         return None
     if not text.isdigit():
-        raise _Usage(f"edition id must be a number, not {text!r}")
+        raise errors.UsageError(f"edition id must be a number, not {text!r}")
     return int(text)
 
 
@@ -281,14 +283,17 @@ COMMANDS: dict[str, Callable] = {
 }
 
 
-# -- fleet: ACTION --all PATCH, list --all (cli_fleet.py, its own parser) --------
+# -- fleet and store: ACTION --all PATCH, list --all, install... (own parsers) --
 
 def _parse(argv: list[str]) -> argparse.Namespace:
-    if not cli_fleet.wants(argv):
-        return build_parser().parse_args(argv)
-    args = cli_fleet.parser(_Parser(prog="hotpatch").error).parse_args(argv)
-    args.pid, args.handler = "", cli_fleet.do_fleet  # no single pid: one record per process
-    return args
+    """--all command lines go to cli_fleet.py; install, uninstall, installed
+    and watch to cli_store.py; the rest to build_parser()."""
+    for module, handler in ((cli_fleet, cli_fleet.do_fleet), (cli_store, cli_store.do_store)):
+        if module.wants(argv):
+            args = module.parser(_Parser(prog="hotpatch").error).parse_args(argv)
+            args.pid, args.handler = "", handler  # no single pid: one record per process
+            return args
+    return build_parser().parse_args(argv)
 
 
 # -- entry point --------------------------------------------------------------
@@ -334,7 +339,7 @@ def _run(argv: list[str], as_json: bool, session: _Session) -> tuple[int, str | 
     try:
         args = _parse(argv)
         if not args.command:
-            raise _Usage("no command given")
+            raise errors.UsageError("no command given")
         session.record.action = args.command
         args.audit = session.record
         if args.command in audit.AUDITED:
@@ -346,7 +351,7 @@ def _run(argv: list[str], as_json: bool, session: _Session) -> tuple[int, str | 
         print(json.dumps(data, indent=2) if as_json else text)
         return (code[0] if code else 0), None, None
     except errors.HotpatchError as e:
-        return e.exit_code, str(e), e.details
+        return e.exit_code, str(e), e.to_dict()
     except Interrupted as e:
         return 1, f"interrupted by {e}; the target was left running and unchanged", None
     except SystemExit as e:  # --help

@@ -13,7 +13,8 @@ import sys
 from . import errors, trust
 from .cycle import HarnessChoice
 from .discovery import Selector
-from .fleet_runner import Action, FleetResult, Outcome, Progress, ProcessResult, fleet, fleet_list
+from .fleet_results import Action, FleetResult, Outcome, Progress, ProcessResult
+from .fleet_runner import fleet, fleet_list
 
 FLEET_COMMANDS = tuple(a.value for a in Action) + ("list",)
 _DONE = {Action.APPLY: "applied", Action.CHECK: "fits, could be switched now", Action.PREPARE: "prepared",
@@ -71,7 +72,7 @@ def _jobs(text: str | None) -> int | None:
     if text is None:
         return None
     if not text.isdigit() or not 1 <= int(text) <= 1024:
-        raise errors.BadInput(f"--jobs takes a number from 1 to 1024, not {text!r}")
+        raise errors.UsageError(f"--jobs takes a number from 1 to 1024, not {text!r}")
     return int(text)
 
 
@@ -167,9 +168,9 @@ def _timeout(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise errors.BadInput(f"--timeout takes seconds, not {text!r}") from None
+        raise errors.UsageError(f"--timeout takes seconds, not {text!r}") from None
     if not 0 < value <= 86400:
-        raise errors.BadInput("--timeout must be between 0 and 86400 seconds")
+        raise errors.UsageError("--timeout must be between 0 and 86400 seconds")
     return value
 
 

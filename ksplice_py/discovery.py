@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from . import editions as ed
-from .errors import BadInput
+from .errors import BadInput, HotpatchError
 from .maps import Mapping, host_path, parse_maps
+from .memory import RemoteMemory
 from .patchfile import PatchFile
 from .symbols import build_id_of
 
@@ -220,3 +221,22 @@ def carries_editions(pid: int, maps: list[Mapping] | None = None) -> bool:
     """Does the process hold any edition region (cheap: names in its maps)?"""
     maps = read_maps_of(pid) if maps is None else maps
     return bool(maps) and bool(ed.regions_in(maps))
+
+
+def editions_of(pid: int) -> list[ed.Edition]:
+    """The editions a process carries, read from its memory without ptrace
+    (process_vm_readv): a process can be asked while another tool traces it,
+    and one that carries none is never attached to."""
+    maps = read_maps_of(pid)
+    if not maps or not ed.regions_in(maps):
+        return []
+    try:
+        with RemoteMemory(pid) as mem:
+            return ed.list_editions(mem, maps)[0]
+    except HotpatchError:
+        return []
+
+
+def carries_patch(pid: int, sha256: str) -> bool:
+    """Does the process hold an edition of this patch content?"""
+    return any(e.sha256 == sha256 for e in editions_of(pid))

@@ -5,7 +5,8 @@
         print(p.pid, p.result.value, p.edition, p.reason)
     print(result.summary())     # processes: A applied, S skipped, F failed
 
-How the work is split:
+How the work is split (records: fleet_results.py; what an action does in
+one process: fleet_job.py; this module: finding the processes, the workers):
 
 * **Discovery** (discovery.py) reads /proc only: who the filters allow, who
   maps the patch's objects, of which build. Nothing else is touched, ever.
@@ -40,296 +41,18 @@ import signal
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
-from enum import Enum
-from typing import Callable
+from dataclasses import dataclass
 
-from . import audit, trampoline, x86writer
+from . import audit
 from . import editions as ed
 from .cycle import HarnessChoice
-from .discovery import (Match, ProcInfo, Selector, Unpatchable, Wants, candidates, carries_editions,
-                        match, proc_info)
-from .errors import (BadInput, HotpatchError, NoSuchProcess, NotQuiescent, PatchMismatch,
-                     SymbolNotFound, TargetGone, UnknownObject)
-from .memory import RemoteMemory
+from .discovery import (Match, ProcInfo, Selector, Unpatchable, Wants, candidates, carries_patch,
+                        editions_of, match, proc_info)
+from .errors import BadInput, PatchMismatch
+from .fleet_job import FIRST_TRY_S, RETRY, Job, Stop, warm
+from .fleet_results import Action, FleetResult, OnResult, Outcome, Progress, ProcessResult
 from .patchfile import PatchFile
-from .process import Process, attach
-from .symbols import TargetSymbols, keep_parsed
-
-
-class Action(str, Enum):
-    APPLY = "apply"
-    CHECK = "check"
-    PREPARE = "prepare"
-    CUTOVER = "cutover"
-    ABORT = "abort"
-    REVERT = "revert"
-
-    @property
-    def loads_patch(self) -> bool:
-        """Needs the patch's code and a process that maps its objects; the
-        others act on editions a process already carries (by sha256)."""
-        return self in (Action.APPLY, Action.CHECK, Action.PREPARE)
-
-    @property
-    def audited(self) -> bool:
-        return self is not Action.CHECK
-
-
-class Outcome(str, Enum):
-    APPLIED = "applied"  # the action was done in this process
-    SKIPPED = "skipped"  # nothing to do, or cannot be done; reason says why
-    FAILED = "failed"  # tried and failed; the process is left as it was
-
-
-@dataclass
-class ProcessResult:
-    pid: int
-    name: str
-    result: Outcome
-    edition: int | None = None
-    pause_us: float | None = None
-    reason: str | None = None
-    exit_code: int = 0
-
-    def to_dict(self) -> dict:
-        return {"pid": self.pid, "name": self.name, "result": self.result.value,
-                "edition": self.edition,
-                "pause_us": None if self.pause_us is None else round(self.pause_us, 1),
-                "reason": self.reason, "exit_code": self.exit_code}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "ProcessResult":
-        return cls(d["pid"], d["name"], Outcome(d["result"]), d.get("edition"), d.get("pause_us"),
-                   d.get("reason"), d.get("exit_code", 0))
-
-
-@dataclass
-class FleetResult:
-    action: Action
-    sha256: str
-    processes: list[ProcessResult] = field(default_factory=list)
-    fitting: int = 0  # processes that map the patch's objects, of its build
-    interrupted: bool = False
-    elapsed_s: float = 0.0
-
-    def count(self, outcome: Outcome) -> int:
-        return sum(1 for p in self.processes if p.result is outcome)
-
-    @property
-    def applied(self) -> int:
-        return self.count(Outcome.APPLIED)
-
-    @property
-    def skipped(self) -> int:
-        return self.count(Outcome.SKIPPED)
-
-    @property
-    def failed(self) -> int:
-        return self.count(Outcome.FAILED)
-
-    def summary(self) -> str:
-        return f"processes: {self.applied} applied, {self.skipped} skipped, {self.failed} failed"
-
-    @property
-    def exit_code(self) -> int:
-        """0 nothing failed; 3 only "no safe moment"; 4 the patch fits no
-        process; 1 otherwise (an interrupted run included)."""
-        codes = {p.exit_code for p in self.processes if p.result is Outcome.FAILED}
-        if self.interrupted:
-            return 1
-        if self.action.loads_patch and not self.fitting and not codes - {PatchMismatch.exit_code}:
-            return PatchMismatch.exit_code
-        if not codes:
-            return 0
-        if codes == {NotQuiescent.exit_code}:
-            return NotQuiescent.exit_code
-        if codes == {PatchMismatch.exit_code} and not self.applied and not self._already():
-            return PatchMismatch.exit_code
-        return 1
-
-    def _already(self) -> bool:
-        return any(p.result is Outcome.SKIPPED and p.edition is not None for p in self.processes)
-
-    def to_dict(self) -> dict:
-        return {"action": self.action.value, "sha256": self.sha256,
-                "processes": [p.to_dict() for p in sorted(self.processes, key=lambda p: p.pid)],
-                "applied": self.applied, "skipped": self.skipped, "failed": self.failed,
-                "interrupted": self.interrupted, "elapsed_s": round(self.elapsed_s, 3),
-                "exit_code": self.exit_code}
-
-
-@dataclass(frozen=True)
-class Progress:
-    done: int
-    total: int
-    applied: int
-    skipped: int
-    failed: int
-    elapsed_s: float
-
-
-OnResult = Callable[[ProcessResult, Progress], None]
-
-
-class _Stop(BaseException):
-    """In a worker: the runner asked to undo what is under way."""
-
-
-# --- the per-process work (runs in a worker) ---------------------------------
-
-class _Job:
-    """What every worker needs: the action, the patch, the options."""
-
-    def __init__(self, action: Action, patch: PatchFile | None, sha256: str, timeout: float,
-                 harnesses: HarnessChoice | None, wants: Wants | None,
-                 audit_log: audit.AuditLog | None) -> None:
-        self.action, self.patch, self.sha256 = action, patch, sha256
-        self.timeout, self.harnesses, self.wants = timeout, harnesses, wants
-        self.audit_log = audit_log
-        # A target named without its object ("compute") may live anywhere:
-        # a process that does not define it is simply not concerned.
-        self.unqualified = patch is not None and any(
-            ":" not in t for t in [r.target for r in patch.replacements]
-            + [s.target for s in patch.symbol_refs])
-
-    def run(self, info: ProcInfo) -> ProcessResult | None:
-        """One process: its result, or None when it is not concerned."""
-        res = self._run(info)
-        if res is not None and self.audit_log is not None and self.action.audited \
-                and res.result is not Outcome.SKIPPED:
-            self._audit(info, res)
-        return res
-
-    def _run(self, info: ProcInfo) -> ProcessResult | None:
-        def result(outcome: Outcome, **kw) -> ProcessResult:
-            return ProcessResult(info.pid, info.name, outcome, **kw)
-
-        try:
-            with attach(info.pid) as proc:
-                if proc.start_time != info.start_time:
-                    return result(Outcome.SKIPPED, reason=Unpatchable.GONE.value)
-                return _ACTIONS[self.action](self, proc, result)
-        except (NoSuchProcess, TargetGone) as e:
-            if isinstance(e, NoSuchProcess) and not _gone(info):
-                return result(Outcome.FAILED, reason=str(e), exit_code=e.exit_code)
-            return result(Outcome.SKIPPED, reason=f"exited during the run; nothing was done to it")
-        except (UnknownObject, SymbolNotFound) as e:
-            if self.unqualified:
-                return None
-            return result(Outcome.FAILED, reason=str(e), exit_code=e.exit_code)
-        except HotpatchError as e:
-            return result(Outcome.FAILED, reason=" ".join(str(e).split()), exit_code=e.exit_code)
-        except _Stop:
-            return result(Outcome.FAILED, reason="interrupted; the process was left as it was",
-                          exit_code=1)
-
-    # -- actions ------------------------------------------------------------
-    def _mine(self, proc: Process) -> tuple[list[ed.Edition], list[ed.Edition]]:
-        """(applied, prepared) editions of this patch's content, newest first."""
-        eds = [e for e in proc.editions() if e.sha256 == self.sha256]
-        return ([e for e in eds if e.state == "applied"], [e for e in eds if e.state == "prepared"])
-
-    def apply(self, proc: Process, result) -> ProcessResult:
-        applied, prepared = self._mine(proc)
-        if applied:
-            return result(Outcome.SKIPPED, edition=applied[0].id,
-                          reason=f"already applied as edition {applied[0].id}")
-        if prepared:
-            return result(Outcome.SKIPPED, edition=prepared[0].id,
-                          reason=f"prepared as edition {prepared[0].id}; cut it over or abort it")
-        e = proc.apply(self.patch, timeout=self.timeout, harnesses=self.harnesses)
-        return result(Outcome.APPLIED, edition=e.id, pause_us=e.pause_us)
-
-    def check(self, proc: Process, result) -> ProcessResult:
-        applied, _ = self._mine(proc)
-        if applied:
-            return result(Outcome.SKIPPED, edition=applied[0].id,
-                          reason=f"already applied as edition {applied[0].id}")
-        r = proc.check(self.patch, harnesses=self.harnesses)
-        if r.safe_now:
-            return result(Outcome.APPLIED, pause_us=r.pause_us, reason="fits and could be switched now")
-        why = "; ".join(b.describe() for b in r.blockers)
-        return result(Outcome.FAILED, pause_us=r.pause_us, reason=f"fits but would wait now: {why}",
-                      exit_code=NotQuiescent.exit_code)
-
-    def prepare(self, proc: Process, result) -> ProcessResult:
-        applied, prepared = self._mine(proc)
-        if applied or prepared:
-            e = (applied or prepared)[0]
-            return result(Outcome.SKIPPED, edition=e.id, reason=f"already {e.state} as edition {e.id}")
-        e = proc.prepare(self.patch, harnesses=self.harnesses)
-        return result(Outcome.APPLIED, edition=e.id)
-
-    def cutover(self, proc: Process, result) -> ProcessResult | None:
-        applied, prepared = self._mine(proc)
-        if not prepared:
-            return result(Outcome.SKIPPED, edition=applied[0].id,
-                          reason=f"already applied as edition {applied[0].id}") if applied else None
-        e = proc.cutover(prepared[0].id, timeout=self.timeout)
-        return result(Outcome.APPLIED, edition=e.id, pause_us=e.pause_us)
-
-    def abort(self, proc: Process, result) -> ProcessResult | None:
-        applied, prepared = self._mine(proc)
-        if not prepared:
-            return result(Outcome.SKIPPED, edition=applied[0].id,
-                          reason=f"applied as edition {applied[0].id}, not prepared; revert it instead"
-                          ) if applied else None
-        e = proc.abort(prepared[0].id)
-        return result(Outcome.APPLIED, edition=e.id)
-
-    def revert(self, proc: Process, result) -> ProcessResult | None:
-        applied, prepared = self._mine(proc)
-        if not applied:
-            return result(Outcome.SKIPPED, edition=prepared[0].id,
-                          reason=f"only prepared as edition {prepared[0].id}; abort it instead"
-                          ) if prepared else None
-        done = [proc.revert(e.id, timeout=self.timeout) for e in applied]  # newest first
-        return result(Outcome.APPLIED, edition=done[0].id, pause_us=max(e.pause_us or 0 for e in done))
-
-    def _audit(self, info: ProcInfo, res: ProcessResult) -> None:
-        rec = audit.AuditRecord(action=self.action.value, pid=info.pid, target_start_time=info.start_time,
-                                exe=info.exe, sha256=self.sha256, edition=res.edition,
-                                pause_us=res.pause_us, fleet={"member": True})
-        if self.patch is not None:
-            rec.patch_file(self.patch)
-        rec.finish(res.exit_code, res.reason if res.result is Outcome.FAILED else None)
-        try:
-            self.audit_log.write(rec)
-        except _Stop:
-            pass
-
-
-_ACTIONS = {Action.APPLY: _Job.apply, Action.CHECK: _Job.check, Action.PREPARE: _Job.prepare,
-            Action.CUTOVER: _Job.cutover, Action.ABORT: _Job.abort, Action.REVERT: _Job.revert}
-
-
-def _gone(info: ProcInfo) -> bool:
-    """Has the process we discovered exited (or become a zombie) since?"""
-    now = proc_info(info.pid)
-    return now is None or now.start_time != info.start_time or now.unpatchable is Unpatchable.ZOMBIE
-
-
-# --- per-build work (in the runner, before the workers fork) ----------------
-
-def _warm(patch: PatchFile, pid: int) -> None:
-    """Resolve the patch's symbols and imports in one process of a build,
-    reading it only (no ptrace): the parsed objects stay in memory
-    (symbols.py) for every worker forked afterwards."""
-    try:
-        with RemoteMemory(pid) as mem:
-            syms = TargetSymbols(pid, mem)
-            for rep in patch.replacements:
-                sym = syms.resolve(rep.target)
-                code = mem.read(sym.addr, min(sym.size, 1 << 20)) if sym.size else b""
-                trampoline.check_window(trampoline.FunctionCode(sym.qualified, sym.addr, sym.size, code),
-                                        x86writer.JMP_REL32_LEN)
-            for ref in patch.symbol_refs:
-                syms.resolve(ref.target)
-            for imp in patch.imports:
-                syms.bind_import(imp.name, imp.version, imp.weak)
-    except HotpatchError:
-        pass  # the worker meets it again, in that process, and reports it
+from .symbols import keep_parsed
 
 
 # --- the runner ---------------------------------------------------------------
@@ -353,22 +76,29 @@ def fleet(action: Action | str, patch: PatchFile | None, *, sha256: str | None =
     if patch is None and (action.loads_patch or not sha256):
         raise BadInput(f"{action.value} --all needs the patch file")
     sha = patch.sha256 if patch is not None else sha256
-    return _Runner(action, _Job(action, patch, sha, timeout, harnesses,
+    return _Runner(action, Job(action, patch, sha, timeout, harnesses,
                                 Wants.of(patch) if patch is not None else None, audit_log),
                    selector, jobs or default_jobs(), on_result).run()
+
+
+@dataclass(frozen=True)
+class _Task:
+    info: ProcInfo
+    budget: float  # seconds this attempt may wait for a safe moment
+    final: bool  # False: give up early with RETRY
 
 
 class _Worker:
     def __init__(self, pid: int, task_w: int, result_r: int) -> None:
         self.pid, self.task_w, self.result_r = pid, task_w, result_r
         self.buf = b""
-        self.task: ProcInfo | None = None
+        self.task: _Task | None = None
 
 
 class _Runner:
     POLL_S = 0.1
 
-    def __init__(self, action: Action, job: _Job, selector: Selector, jobs: int,
+    def __init__(self, action: Action, job: Job, selector: Selector, jobs: int,
                  on_result: OnResult | None) -> None:
         self.action, self.job, self.selector = action, job, selector
         self.jobs, self.on_result = jobs, on_result
@@ -382,17 +112,22 @@ class _Runner:
         """Decide who is concerned; report the skips that need no worker."""
         tasks: list[ProcInfo] = []
         builds: dict[tuple, int] = {}
-        for info in candidates(self.selector):
+        found = candidates(self.selector)
+        for pid in sorted(self.selector.pids - {i.pid for i in found}):  # named, but not there
+            if proc_info(pid) is None:
+                self.result.processes.append(ProcessResult(pid, "?", Outcome.SKIPPED, reason="no such process"))
+        for info in found:
             named = info.pid in self.selector.pids
             if self.action.loads_patch:
                 m = match(info, self.job.wants) if info.unpatchable is not Unpatchable.KERNEL_THREAD \
                     else Match(False)
                 if m.fits and not self.job.unqualified:
                     self.result.fitting += 1
-                concerned = m.fits or m.reason is not None or self.job.unqualified
+                concerned = m.fits or m.reason is not None or (self.job.unqualified and info.unpatchable not in (
+                    Unpatchable.KERNEL_THREAD, Unpatchable.ZOMBIE))
             else:
                 m = None
-                concerned = carries_editions(info.pid)
+                concerned = carries_patch(info.pid, self.job.sha256)
             if info.unpatchable is not None and (concerned or named):
                 self._decided(info, info.unpatchable.value)
             elif m is not None and not m.fits and m.reason is not None:
@@ -405,7 +140,7 @@ class _Runner:
                 self._decided(info, self._not_concerned())
         if self.action.loads_patch:
             for pid in builds.values():
-                _warm(self.job.patch, pid)
+                warm(self.job.patch, pid)
         return tasks
 
     def _not_concerned(self) -> str:
@@ -422,11 +157,12 @@ class _Runner:
         old = self._catch_signals()
         try:
             tasks = self.plan()
+            self.result.discovery_s = time.monotonic() - self.t0
             self.total = len(self.result.processes) + len(tasks)
             for r in list(self.result.processes):
                 self._report(r)
             if tasks:
-                self._dispatch_all(deque(tasks))
+                self._dispatch_all(deque(self._first_try(i) for i in tasks))
         finally:
             self._restore_signals(old)
         self.result.interrupted = self.stops > 0
@@ -447,7 +183,14 @@ class _Runner:
         for s, h in (old or {}).items():
             signal.signal(s, h)
 
-    def _dispatch_all(self, pending: deque[ProcInfo]) -> None:
+    def _first_try(self, info: ProcInfo) -> _Task:
+        timeout = self.job.timeout
+        first = float(os.environ.get("KSPLICE_PY_FLEET_FIRST_TRY") or FIRST_TRY_S)
+        if self.action in (Action.APPLY, Action.CUTOVER, Action.REVERT) and timeout > 2 * first:
+            return _Task(info, first, False)
+        return _Task(info, timeout, True)
+
+    def _dispatch_all(self, pending: deque[_Task]) -> None:
         workers = [self._spawn() for _ in range(min(self.jobs, len(pending)))]
         live = {w.result_r: w for w in workers}
         for w in workers:
@@ -458,9 +201,9 @@ class _Runner:
         terminated = False
         while live:
             if self.stops and pending:
-                for info in pending:
-                    self._record(info, ProcessResult(info.pid, info.name, Outcome.SKIPPED,
-                                                     reason="not reached: interrupted"))
+                for task in pending:
+                    self._record(ProcessResult(task.info.pid, task.info.name, Outcome.SKIPPED,
+                                               reason="not reached: interrupted"))
                 pending.clear()
             if self.stops > 1 and not terminated:
                 terminated = True
@@ -475,8 +218,8 @@ class _Runner:
                     self._on_line(w, line, pending)
                 if not chunk:  # the worker exited
                     if w.task is not None:
-                        self._record(w.task, ProcessResult(
-                            w.task.pid, w.task.name, Outcome.FAILED, exit_code=1,
+                        self._record(ProcessResult(
+                            w.task.info.pid, w.task.info.name, Outcome.FAILED, exit_code=1,
                             reason="internal error: the worker handling it died; run hotpatch recover on it"))
                         w.task = None
                     poller.unregister(fd)
@@ -486,31 +229,35 @@ class _Runner:
                     del live[fd]
                     _reap(w.pid)
 
-    def _on_line(self, w: _Worker, line: bytes, pending: deque[ProcInfo]) -> None:
-        info, w.task = w.task, None
+    def _on_line(self, w: _Worker, line: bytes, pending: deque[_Task]) -> None:
+        task, w.task = w.task, None
+        info = task.info
         d = json.loads(line)
-        if d is not None:
+        if d == "retry":  # no safe moment yet: again after the others, with the rest of its time
+            pending.append(_Task(info, self.job.timeout - task.budget, True))
+        elif d is not None:
             res = ProcessResult.from_dict(d)
             if self.job.unqualified and res.exit_code != PatchMismatch.exit_code:
                 self.result.fitting += 1  # it defines what the patch names
-            self._record(info, res)
+            self._record(res)
         elif info.pid in self.selector.pids:
-            self._record(info, ProcessResult(info.pid, info.name, Outcome.SKIPPED,
+            self._record(ProcessResult(info.pid, info.name, Outcome.SKIPPED,
                                              reason=self._not_concerned()))
         else:
             self.total -= 1
         self._give(w, pending)
 
-    def _give(self, w: _Worker, pending: deque[ProcInfo]) -> None:
+    def _give(self, w: _Worker, pending: deque[_Task]) -> None:
         if pending and not self.stops:
-            w.task = pending.popleft()
-            i = w.task
-            os.write(w.task_w, json.dumps([i.pid, i.start_time, i.name, i.uid, i.exe]).encode() + b"\n")
+            w.task = t = pending.popleft()
+            i = t.info
+            os.write(w.task_w, json.dumps([i.pid, i.start_time, i.name, i.uid, i.exe, t.budget, t.final]
+                                          ).encode() + b"\n")
         elif w.task_w >= 0:
             _close(w.task_w)  # EOF: the worker exits
             w.task_w = -1
 
-    def _record(self, info: ProcInfo, res: ProcessResult) -> None:
+    def _record(self, res: ProcessResult) -> None:
         self.result.processes.append(res)
         self._report(res)
 
@@ -542,35 +289,36 @@ class _Runner:
         return _Worker(pid, task_w, result_r)
 
 
-def _worker_loop(job: _Job, task_r: int, result_w: int) -> None:
-    """Read a task line, do it, write a result line; until EOF or _Stop."""
+def _worker_loop(job: Job, task_r: int, result_w: int) -> None:
+    """Read a task line, do it, write a result line; until EOF or Stop."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the terminal's Ctrl-C is for the runner
 
     def on_term(signum, frame):
-        raise _Stop()
+        raise Stop()
     signal.signal(signal.SIGTERM, on_term)
     with os.fdopen(task_r, "rb", buffering=0) as tasks:
         buf = b""
         while True:
             try:
                 chunk = tasks.read(4096)
-            except _Stop:
+            except Stop:
                 return
             if not chunk:
                 return
             buf += chunk
             while b"\n" in buf:
                 line, buf = buf.split(b"\n", 1)
-                pid, start, name, uid, exe = json.loads(line)
+                pid, start, name, uid, exe, budget, final = json.loads(line)
                 try:
-                    res = job.run(ProcInfo(pid, start, name, uid, exe))
-                except _Stop:
+                    res = job.run(ProcInfo(pid, start, name, uid, exe), budget, final)
+                except Stop:
                     res = ProcessResult(pid, name, Outcome.FAILED, exit_code=1,
                                         reason="interrupted; the process was left as it was")
                 except Exception as e:  # a bug: still one line for this process only
                     res = ProcessResult(pid, name, Outcome.FAILED, exit_code=1,
                                         reason=f"internal error: {type(e).__name__}: {e}")
-                _write_all(result_w, json.dumps(None if res is None else res.to_dict()).encode() + b"\n")
+                wire = "retry" if res is RETRY else None if res is None else res.to_dict()
+                _write_all(result_w, json.dumps(wire).encode() + b"\n")
 
 
 def _read(fd: int) -> bytes:
@@ -623,17 +371,12 @@ class ProcessEditions:
 
 def fleet_list(selector: Selector = Selector()) -> list[ProcessEditions]:
     """Every process (the selector allows) that carries editions, with them:
-    read from each target's own memory, no ptrace."""
+    read from each target's own memory, without ptrace."""
     out = []
     for info in candidates(selector):
-        if info.unpatchable in (Unpatchable.KERNEL_THREAD, Unpatchable.ZOMBIE) \
-                or not carries_editions(info.pid):
+        if info.unpatchable in (Unpatchable.KERNEL_THREAD, Unpatchable.ZOMBIE):
             continue
-        try:
-            with attach(info.pid) as proc:
-                eds = proc.editions()
-        except HotpatchError:
-            continue  # exited, or not ours to read
+        eds = editions_of(info.pid)
         if eds:
             out.append(ProcessEditions(info.pid, info.name, info.exe, eds))
     return out

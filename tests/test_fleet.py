@@ -6,6 +6,7 @@ patched object (libfleet.so) exists only in these tests.
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -17,6 +18,7 @@ from elftools.elf.elffile import ELFFile
 
 from conftest import (HOTPATCH, TARGETS, _compile, assert_not_stopped, maps_lines, run_hotpatch,
                       tracer_pid, wait_until)
+from test_harness import resolver, resolver_exe, slot  # noqa: F401 (fixtures)
 
 BASE, NEW = 15, 21  # fleet_compute(3) before / after fleet_v2
 
@@ -90,8 +92,10 @@ def test_mixed_machine(fleet, spawn, sleeper):
 
     args = [HOTPATCH, "apply", "--all", fleet["pinned"], "--timeout", "1.5", "--jobs", "1", "--json",
             "--pids", pids_arg(busy, leaving, *matching, other) + f",{unrelated.pid}"]
-    run = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    # While the only worker waits on the busy process, the next one exits.
+    # One attempt of the whole --timeout: while the only worker waits on the
+    # busy process, the next one exits.
+    env = dict(os.environ, KSPLICE_PY_FLEET_FIRST_TRY="1.5")
+    run = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     wait_until(lambda: editions(busy), 30, "the busy process to be worked on")
     leaving.proc.kill()
     leaving.proc.wait()
@@ -245,3 +249,58 @@ def sleeper():
     for p in procs:
         p.kill()
         p.wait()
+
+
+def test_busy_process_delays_no_other(fleet, spawn):
+    """A process with no safe moment gives its worker back after a first
+    short try and is tried again after the others (one worker here)."""
+    busy = spawn(fleet["exe"], 1000, "hold")
+    ts = [spawn(fleet["exe"]) for _ in range(3)]
+    cp = run_hotpatch("apply", "--all", fleet["patch"], "--jobs", "1", "--timeout", "2",
+                      "--pids", pids_arg(busy, *ts))
+    assert cp.returncode == 3, cp.stdout + cp.stderr
+    lines = cp.stdout.strip().splitlines()
+    assert lines[-1] == "processes: 3 applied, 0 skipped, 1 failed"
+    order = [int(x.split()[1]) for x in lines[:-1]]
+    assert order[-1] == busy.pid and sorted(order[:-1]) == sorted(t.pid for t in ts), lines
+    assert "no safe moment" in lines[-2]
+    for t in ts:
+        t.wait_all_return(NEW, timeout=5)
+    busy.assert_alive()
+    assert_not_stopped(busy.pid)
+    assert not editions(busy)
+
+
+def test_resolver_harness_per_process(build, resolver):
+    """A libc patch (narrowed to two processes): the one whose threads sit
+    inside the resolver fails with no safe moment, named by the glibc
+    resolver harness; the other is patched first, not delayed by it."""
+    patch = build.patch("resolver_wrap")
+    stuck, _ = resolver(delay=None, retrans=30, nquery=1, ngai=1)
+    free, _ = resolver(delay=0.2, retrans=5, nquery=1, ngai=1)
+    wait_until(lambda: slot(free, "done") == 2, 10, "the free process's lookups to return")
+    cp = run_hotpatch("apply", "--all", patch, "--jobs", "1", "--timeout", "1.5",
+                      "--pids", f"{stuck.pid},{free.pid}")
+    assert cp.returncode == 3, cp.stdout + cp.stderr
+    lines = cp.stdout.strip().splitlines()
+    assert lines[0].startswith(f"pid {free.pid} ") and "applied edition 1" in lines[0], lines
+    assert lines[1].startswith(f"pid {stuck.pid} ") and "no safe moment" in lines[1], lines
+    assert "glibc-resolver" in lines[1]
+    assert lines[2] == "processes: 1 applied, 0 skipped, 1 failed"
+    assert slot(stuck, "inside") == 2 and slot(stuck, "done") == 0, "a lookup was disturbed"
+    assert_not_stopped(stuck.pid)
+
+
+def test_audit_one_record_per_process_and_one_summary(fleet, spawn, tmp_path):
+    ts = [spawn(fleet["exe"]) for _ in range(2)]
+    log = tmp_path / "audit.jsonl"
+    cp = run_hotpatch("apply", "--all", fleet["patch"], "--pids", pids_arg(*ts), "--log-file", log)
+    assert cp.returncode == 0, cp.stderr
+    records = [json.loads(x) for x in log.read_text().splitlines()]
+    members = [r for r in records if r.get("fleet") == {"member": True}]
+    summary = [r for r in records if "applied" in (r.get("fleet") or {})]
+    assert sorted(r["pid"] for r in members) == sorted(t.pid for t in ts)
+    assert all(r["result"] == "ok" and r["edition"] == 1 and r["sha256"] for r in members)
+    assert len(summary) == 1 and len(records) == 3
+    assert summary[0]["fleet"] == {"applied": 2, "skipped": 0, "failed": 0, "interrupted": False}
+    assert summary[0]["action"] == "apply" and summary[0]["exit_code"] == 0
