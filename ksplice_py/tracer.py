@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from . import native
 from .errors import AccessDenied, NoSuchProcess, RemoteError, TargetGone
 from .identity import status_field
-from .maps import Mapping
+from . import stub
+from .maps import Mapping, read_maps
 
 MAX_THREADS = 1 << 20
 
@@ -215,42 +216,6 @@ def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
 # -- syscall injection ------------------------------------------------------
 
 SYS = {"mmap": 9, "mprotect": 10, "munmap": 11, "close": 3, "ftruncate": 77, "memfd_create": 319}
-PAGE = 4096
-INJECTOR_NAME = "ksplice_py:injector"
-_ERESTART = (-512, -513, -514)  # ERESTARTSYS, ERESTARTNOINTR, ERESTARTNOHAND
-_ERESTART_RESTARTBLOCK, _NR_RESTART_SYSCALL = -516, 219
-# Save area order (page 2 of the injector): what the stub pops, then rsp, rip.
-_SAVED = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp",
-          "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15", "eflags")
-
-
-def entry_stub() -> bytes:
-    """``syscall``, then put every register back from the save area on the
-    next page and jump to the saved rip: a thread whose tracer dies in the
-    middle of an injected syscall resumes exactly where it was, by itself."""
-    code = bytearray(b"\x0f\x05")                              # syscall
-    code += b"\x48\x8d\x25" + (PAGE - (len(code) + 7)).to_bytes(4, "little")  # lea rsp,[save area]
-    code += b"\x58\x5b\x59\x5a\x5e\x5f\x5d"                   # pop rax rbx rcx rdx rsi rdi rbp
-    code += b"".join(bytes([0x41, 0x58 + i]) for i in range(8))  # pop r8 .. r15
-    code += b"\x9d"                                             # popfq
-    rsp_slot, rip_slot = PAGE + 8 * len(_SAVED), PAGE + 8 * (len(_SAVED) + 1)
-    code += b"\x48\x8b\x25" + (rsp_slot - (len(code) + 7)).to_bytes(4, "little")  # mov rsp,[saved rsp]
-    code += b"\xff\x25" + (rip_slot - (len(code) + 6)).to_bytes(4, "little")       # jmp [saved rip]
-    return bytes(code)
-
-
-def continuation(regs) -> bytes:
-    """The save area: the registers the thread must resume with if it has to
-    restore itself, with the kernel's syscall-restart rule already applied
-    (an interrupted read/futex restarts; nanosleep via restart_syscall)."""
-    r = {k: getattr(regs, k) for k in (*_SAVED, "rsp", "rip", "orig_rax")}
-    rax = r["rax"] - (1 << 64) if r["rax"] >= 1 << 63 else r["rax"]
-    if r["orig_rax"] < 1 << 63 and rax in _ERESTART:
-        r["rax"], r["rip"] = r["orig_rax"], r["rip"] - 2
-    elif r["orig_rax"] < 1 << 63 and rax == _ERESTART_RESTARTBLOCK:
-        r["rax"], r["rip"] = _NR_RESTART_SYSCALL, r["rip"] - 2
-    r["eflags"] &= ~0x10100  # never resume with TF/RF set
-    return b"".join(r[k].to_bytes(8, "little") for k in (*_SAVED, "rsp", "rip"))
 
 
 class Injector:
@@ -258,9 +223,11 @@ class Injector:
 
     Only that thread pauses (a few µs per syscall); the others keep running.
     Raw syscalls are safe at any instruction: unlike calling dlopen or malloc
-    in the target they take no user-space lock. They run from the entry stub
-    of a small ``ksplice_py:injector`` mapping (created once per process and
-    kept), so the thread is whole again at any instant the tool might die."""
+    in the target they take no user-space lock. They run from a
+    self-restoring stub written into code padding, with its save area on the
+    thread's own stack (stub.py), so the thread is whole again at any
+    instant the tool might die, and both areas are put back on exit: the
+    target keeps no page, descriptor or byte of ours."""
 
     def __init__(self, pid: int, mem, tid: int | None = None) -> None:
         self.pid, self.mem = pid, mem
@@ -269,18 +236,25 @@ class Injector:
         self._t = self.ffi.new("struct kp_thread[]", 8)
         self._n = self.ffi.new("int *", 0)
         self.entry = 0
+        self.block: stub.StackBlock | None = None
+        self._restore: list[tuple[int, bytes]] = []  # (addr, original bytes), put back on exit
+        self._stale = False  # the padding held a stub a killed tool left
 
     def __enter__(self) -> "Injector":
-        self._borrow()
+        maps = read_maps(self.pid)
+        _refuse_shadow_stack(self.pid)
+        code = stub.code()
+        pad = stub.find_padding(self.pid, maps, len(code))  # before anything stops
+        self._borrow(maps)
         try:
-            self.entry = self._find_injector() or self._create_injector()
-            self._arm(self.entry)
+            self._place(pad, code)
         except BaseException:
+            self._put_back()
             self._release()
             raise
         return self
 
-    def _borrow(self) -> None:
+    def _borrow(self, maps: list[Mapping]) -> None:
         live = list_tids(self.pid)  # zombies (an exited leader) excluded
         tids = ([self.tid] if self.tid in live else []) + [t for t in live if t != self.tid]
         for tid in tids[:4]:  # a thread may be stuck (D state); try a few
@@ -294,52 +268,31 @@ class Injector:
             self._t[0].tid, self._t[0].state, self._n[0] = tid, self.lib.KP_RUNNING, 1
             if self.lib.kp_stop_all(self._t, self._n, 8, 500_000) == 0 and \
                     self._t[0].state == self.lib.KP_STOPPED:
-                self.tid = tid
-                return
+                block = stub.StackBlock(self._t[0].regs.rsp)
+                if block.fits(maps):
+                    self.tid, self.block = tid, block
+                    return
             self._release()
         raise TargetGone(f"no thread of process {self.pid} could be stopped to run a syscall")
 
-    def _arm(self, entry: int) -> None:
-        self.mem.write(entry + PAGE, continuation(self._t[0].regs))
-
-    def _find_injector(self) -> int:
-        from .maps import read_maps
-        for m in read_maps(self.pid):
-            if m.path.startswith(f"/memfd:{INJECTOR_NAME}") and m.executable and m.offset == 0:
-                return m.start
-        return 0
-
-    def _create_injector(self) -> int:
-        """First injection into this process. One bare syscall from a libc
-        ``syscall`` instruction maps a scratch page (the only moment, once
-        per process, where our death would leave the thread with our
-        registers); everything else already runs from a self-restoring stub."""
-        from .maps import read_maps
-        self.entry = find_syscall_gadget(self.pid, read_maps(self.pid), self.mem.read)
-        scratch = self.checked("mmap", 0, 2 * PAGE, 7, 0x22, -1, 0)  # RWX, private|anonymous
-        stub = entry_stub()
-        self.mem.write(scratch, stub)
-        self._arm(scratch)
-        self.entry = scratch
-        name_addr = scratch + PAGE + 512  # past the save area
-        self.mem.write(name_addr, INJECTOR_NAME.encode() + b"\0")
-        fd = self.checked("memfd_create", name_addr, 1)  # MFD_CLOEXEC
-        try:
-            self.checked("ftruncate", fd, 2 * PAGE)
-            page = self.checked("mmap", 0, 2 * PAGE, 5, 0x02, fd, 0)  # r-x, private
-        finally:
-            self("close", fd)
-        self.checked("mprotect", page + PAGE, PAGE, 3)  # the save area: rw-
-        self.mem.write(page, stub)
-        self._arm(page)
-        self.entry = page
-        self.checked("munmap", scratch, 2 * PAGE)
-        return page
+    def _place(self, pad: stub.Padding, code: bytes) -> None:
+        """Save what we overwrite, then write the stub and the save area."""
+        block = self.block
+        self._restore.append((block.lo, self.mem.read(block.lo, block.hi - block.lo)))
+        here = self.mem.read(pad.addr, len(code))
+        if here == code and pad.file_bytes(len(code)) != code:
+            self._stale = True  # left by a killed tool; a thread may still be in it
+        else:
+            self._restore.append((pad.addr, here))
+            self.mem.write(pad.addr, code)
+        self.pad = pad
+        self.mem.write(block.save, stub.save_area(self._t[0].regs))
+        self.entry = pad.addr
 
     def __call__(self, name: str, *args: int) -> int:
         a = [int(x) for x in args] + [0] * (6 - len(args))
         ret = self.ffi.new("long *")
-        rc = self.lib.kp_inject_syscall(self._t, self.entry, SYS[name], *a, ret)
+        rc = self.lib.kp_inject_syscall(self._t, self.entry, self.block.save, SYS[name], *a, ret)
         if rc == -errno.ESRCH:
             raise TargetGone(f"process {self.pid} exited")
         if rc != 0:
@@ -354,29 +307,56 @@ class Injector:
 
     @property
     def scratch(self) -> int:
-        """Bytes of the injector's data page free for syscall arguments."""
-        return self.entry + PAGE + 512
+        """Bytes on the borrowed stack free for syscall arguments (stub.SCRATCH)."""
+        return self.block.scratch
+
+    def _put_back(self) -> None:
+        """The thread is stopped with its own registers: nothing runs our
+        bytes now, so the originals go back (the stack block first: the
+        padding is what a killed tool's thread could still need)."""
+        while self._restore:
+            addr, data = self._restore.pop(0)
+            try:
+                self.mem.write(addr, data)
+            except TargetGone:
+                return
 
     def _release(self) -> None:
         release_threads(self.lib, self.pid, self._t, self._n, 8)
 
     def __exit__(self, *exc: object) -> None:
-        self._release()
+        try:
+            self._put_back()
+        finally:
+            self._release()
+        if self._stale:
+            clear_stale_stub(self.pid, self.mem, self.pad)
 
 
-def find_syscall_gadget(pid: int, maps: list[Mapping], read) -> int:
-    """Address of a ``syscall`` instruction (0f 05) in the target's code;
-    any such byte pair executes as syscall when jumped to directly."""
-    def rank(m: Mapping) -> int:
-        return 0 if "libc" in m.path else 1 if m.path == "[vdso]" else 2
-    for m in sorted((m for m in maps if m.executable and m.readable), key=rank):
-        size = min(m.end - m.start, 1 << 20)
-        for off in range(0, size, 65536):
-            try:
-                chunk = read(m.start + off, min(65536 + 1, size - off))
-            except Exception:
-                break
-            i = chunk.find(b"\x0f\x05")
-            if i >= 0:
-                return m.start + off + i
-    raise RemoteError(f"no syscall instruction found in process {pid}'s code")
+def clear_stale_stub(pid: int, mem, pad: stub.Padding) -> bool:
+    """Put the file's bytes back over a stub a killed tool left, unless a
+    thread is still inside it (then it stays until the next command)."""
+    code = stub.code()
+    original = pad.file_bytes(len(code))
+    if original is None:
+        return False
+    with World(pid).seize() as world:
+        if world.stop(0.2):
+            return False
+        if any(pad.addr <= t.regs.rip < pad.addr + len(code)
+               for t in world.threads() if t.state == world.lib.KP_STOPPED):
+            return False
+        mem.write(pad.addr, original)
+    return True
+
+
+def _refuse_shadow_stack(pid: int) -> None:
+    """The stub returns with `ret`: a thread with a user shadow stack would
+    fault on it. (No x86-64 distribution enables one by default yet.)"""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            features = [ln for ln in f if ln.startswith("x86_Thread_features:")]
+    except OSError:
+        return
+    if features and "shstk" in features[0].split():
+        raise RemoteError(f"process {pid} uses a shadow stack (CET); syscall injection is not supported there")

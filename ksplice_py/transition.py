@@ -323,11 +323,7 @@ class Transition:
 
 
 def unmap_regions(proc, regions: list[tuple[int, int]]) -> None:
-    """Remove an edition's memory (and with it, its record). The injector
-    page stays: creating and removing it are the only moments a killed tool
-    could hurt the target, so that happens once per process lifetime, not
-    once per cycle (the crash-safety loop found SIGSEGVs when it went with
-    the last edition)."""
+    """Remove an edition's memory (and with it, its record)."""
     with Injector(proc.pid, proc.mem) as inj:
         for start, size in regions:
             if start:

@@ -323,7 +323,7 @@ int kp_release_all(int pid, struct kp_thread *t, int n)
     return failed;
 }
 
-int kp_inject_syscall(struct kp_thread *th, unsigned long entry, long nr,
+int kp_inject_syscall(struct kp_thread *th, unsigned long entry, unsigned long stack, long nr,
                       long a1, long a2, long a3, long a4, long a5, long a6,
                       long *ret)
 {
@@ -338,6 +338,7 @@ int kp_inject_syscall(struct kp_thread *th, unsigned long entry, long nr,
         return -errno;
     r = saved;
     r.rip = entry;
+    r.rsp = stack;   /* the save area: the stub pops the thread back from it */
     r.rax = nr;
     /* orig_rax = -1: the kernel must not treat the stop we resume from as an
      * interrupted syscall to restart with *our* registers. */
@@ -347,8 +348,8 @@ int kp_inject_syscall(struct kp_thread *th, unsigned long entry, long nr,
         return -errno;
     /* Syscall stops, not a single-step: if we die now, the kernel drops the
      * syscall-trace flag with us, while a pending single-step trap would
-     * reach the target as a fatal SIGTRAP. (The entry stub restores the
-     * thread's registers by itself in that case; see tracer.py.) */
+     * reach the target as a fatal SIGTRAP. (The stub restores the thread's
+     * registers by itself in that case; see stub.py.) */
     int syscall_stops = 0;
     while (syscall_stops < 2) {
         if (ptrace(PTRACE_SYSCALL, th->tid, 0, 0) != 0)

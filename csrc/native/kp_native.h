@@ -68,12 +68,13 @@ int kp_write_all(int memfd, int n, const unsigned long *addr,
 int kp_release_all(int pid, struct kp_thread *t, int n);
 
 /* Run one raw syscall in a stopped thread (seized with KP_SYSCALL_STOPS):
- * rip := entry (a `syscall` instruction), run it between its syscall-entry
+ * rip := entry (a `syscall` instruction), rsp := stack (the stub's save
+ * area, see stub.py), run it between its syscall-entry
  * and syscall-exit stops, and restore every register exactly, so an
  * interrupted syscall of the thread restarts as if nothing happened. Signals
  * arriving meanwhile are recorded in th for re-delivery. Returns 0 and the
  * syscall's result in *ret, or -errno of the ptrace failure. */
-int kp_inject_syscall(struct kp_thread *th, unsigned long entry, long nr,
+int kp_inject_syscall(struct kp_thread *th, unsigned long entry, unsigned long stack, long nr,
                       long a1, long a2, long a3, long a4, long a5, long a6,
                       long *ret);
 
