@@ -15,6 +15,8 @@ from pathlib import Path
 from . import resources
 
 NATIVE_SRC = resources.csrc() / "native"
+HEADER = "kp_native.h"  # also the cdef
+SOURCES = ("kp_native.c",)  # every C source of the helpers, in one place
 
 
 def cache_dir() -> Path:
@@ -33,8 +35,8 @@ def _cdef(header: str) -> str:
 @lru_cache(maxsize=1)
 def load():
     """Return (ffi, lib) of the compiled helpers, compiling them if needed."""
-    header = (NATIVE_SRC / "kp_native.h").read_text()
-    source = (NATIVE_SRC / "kp_native.c").read_text()
+    header = (NATIVE_SRC / HEADER).read_text()
+    source = "".join((NATIVE_SRC / name).read_text() for name in SOURCES)
     tag = hashlib.sha256((header + source + sys.version).encode()).hexdigest()[:16]
     modname = f"_kp_native_{tag}"
     outdir = cache_dir() / "native"
@@ -55,8 +57,8 @@ def _build(modname: str, header: str, outdir: Path) -> Path:
     ffi.cdef(_cdef(header))
     ffi.set_source(
         modname,
-        '#include "kp_native.h"\n',
-        sources=[str(NATIVE_SRC / "kp_native.c")],
+        f'#include "{HEADER}"\n',
+        sources=[str(NATIVE_SRC / name) for name in SOURCES],
         include_dirs=[str(NATIVE_SRC)],
         extra_compile_args=["-O2", "-Wall"],
     )

@@ -164,17 +164,30 @@ class World:
     def alive(self) -> int:
         return sum(1 for t in self.threads() if t.state != self.lib.KP_GONE)
 
-    def scan(self, ranges: list[tuple[int, int]], maps: list[Mapping], max_scan: int = 8 << 20) -> int:
-        """Conservative scan (C); per-thread verdicts land in ``unsafe``."""
-        ranges = _merge(ranges)
-        stacks = _merge([(m.start, m.end) for m in maps if m.writable])
-        ffi = self.ffi
-        lo = ffi.new("unsigned long[]", [r[0] for r in ranges] or [0])
-        hi = ffi.new("unsigned long[]", [r[1] for r in ranges] or [0])
-        slo = ffi.new("unsigned long[]", [s[0] for s in stacks] or [0])
-        shi = ffi.new("unsigned long[]", [s[1] for s in stacks] or [0])
-        return self.lib.kp_scan(self.pid, self._arr, self._n[0], lo, hi, len(ranges),
-                                slo, shi, len(stacks), max_scan)
+    def run(self, window: "Window", between=None) -> bool:
+        """The stopped window, in C (kp_window): stop -> scan -> write ->
+        release. ``between(stopped_threads) -> bool`` (a harness's Python
+        check) runs between scan and write, and only then does Python run
+        while the threads are stopped. Returns whether the writes were made;
+        every thread is released either way, its verdict kept for reading."""
+        if self._cap - self._n[0] < 1024:  # room for threads born during the stop
+            self._grow(self._n[0] + 1024)
+        c = window.c
+        if between is None:
+            done = self.lib.kp_window(self._arr, self._n, self._cap, c)
+        else:
+            go = False  # a check that raises writes nothing
+            try:
+                if self.lib.kp_window_open(self._arr, self._n, self._cap, c):
+                    go = bool(between([t for t in self.threads() if t.state == self.lib.KP_STOPPED]))
+            finally:
+                done = self.lib.kp_window_close(self._arr, self._n, self._cap, c, int(go))
+        self.count, self._n[0] = self._n[0], 0  # released; verdicts stay readable
+        return bool(done)
+
+    def verdicts(self) -> list:
+        """Threads of the last ``run`` (released since), as C structs."""
+        return [self._arr[i] for i in range(self.count)]
 
     def release(self) -> None:
         """Detach every stopped thread (re-delivering caught signals).
@@ -191,16 +204,97 @@ class World:
 
 
 def release_threads(lib, pid: int, arr, n, cap: int) -> None:
-    """Detach every thread of a C array; one still running (never stopped,
-    or seized and never interrupted) is stopped briefly first, so none is
-    left in a ptrace-stop behind us."""
-    if not n[0]:
-        return
-    lib.kp_release_all(pid, arr, n[0])
-    if any(arr[i].state == lib.KP_RUNNING for i in range(n[0])):
-        lib.kp_stop_all(arr, n, cap, 200_000)
-        lib.kp_release_all(pid, arr, n[0])
-    n[0] = 0
+    """Detach every thread of a C array (kp_release_world)."""
+    lib.kp_release_world(pid, arr, n, cap)
+
+
+@dataclass(frozen=True)
+class Known:
+    """A thread precise unwinding cleared, as it was: raw registers and its
+    stack from rsp to the top (see struct kp_known)."""
+
+    tid: int
+    regs: bytes
+    stack: bytes
+
+
+@dataclass(frozen=True)
+class StackCopy:
+    """A flagged thread's registers and stack, copied inside the window."""
+
+    tid: int
+    regs: dict[str, int]
+    raw_regs: bytes
+    stack: bytes
+    whole: bool  # reaches the top of its stack mapping
+
+
+class Window:
+    """The stopped window's inputs as C structures, built before any thread
+    stops (the window itself runs no Python)."""
+
+    ARENA = 4 << 20  # stack copies of flagged threads, for unwinding after release
+
+    def __init__(self, pid: int, memfd: int, ranges: list[tuple[int, int]],
+                 writes: list[tuple[int, bytes, bytes]], write: bool, stop_timeout_s: float) -> None:
+        self.ffi, self.lib = native.load()
+        ffi = self.ffi
+        self.c = c = ffi.new("struct kp_window *")
+        self._keep: list = []
+        c.pid, c.memfd, c.write, c.realtime = pid, memfd, int(write), 1
+        c.stop_timeout_us, c.max_scan = int(stop_timeout_s * 1e6), 8 << 20
+        ranges = _merge(ranges)
+        c.lo, c.hi = self._ulongs([r[0] for r in ranges]), self._ulongs([r[1] for r in ranges])
+        c.nranges = len(ranges)
+        c.nwrites = len(writes)
+        c.waddr = self._ulongs([a for a, _, _ in writes])
+        c.wlen = self._ulongs([len(b) for _, b, _ in writes])
+        c.wbuf = self._bufs([b for _, b, _ in writes])
+        c.ubuf = self._bufs([u for _, _, u in writes])
+        self.arena = ffi.new("unsigned char[]", self.ARENA)
+        c.arena, c.arena_cap = self.arena, self.ARENA
+        self.set_known([])
+
+    def _ulongs(self, values: list[int]):
+        arr = self.ffi.new("unsigned long[]", values or [0])
+        self._keep.append(arr)
+        return arr
+
+    def _bufs(self, blobs: list[bytes]):
+        bufs = [self.ffi.from_buffer(b) for b in blobs]
+        arr = self.ffi.new("unsigned char *[]", bufs or [self.ffi.NULL])
+        self._keep += [blobs, bufs, arr]
+        return arr
+
+    def set_stacks(self, maps: list[Mapping]) -> None:
+        """Writable mappings, where each thread's stack top is found."""
+        stacks = _merge([(m.start, m.end) for m in maps if m.writable])
+        self._stacks = (self._ulongs([s[0] for s in stacks]), self._ulongs([s[1] for s in stacks]))
+        self.c.stack_lo, self.c.stack_hi = self._stacks
+        self.c.nstacks = len(stacks)
+
+    def set_known(self, known: list[Known]) -> None:
+        ffi = self.ffi
+        arr = ffi.new("struct kp_known[]", max(1, len(known)))
+        for i, k in enumerate(known):
+            arr[i].tid, arr[i].len = k.tid, len(k.stack)
+            ffi.memmove(ffi.addressof(arr[i], "regs"), k.regs, len(k.regs))
+            buf = ffi.from_buffer(k.stack)
+            arr[i].stack = buf
+            self._keep.append(buf)
+        self._known = arr
+        self.c.known, self.c.nknown = arr, len(known)
+
+    def stack_copies(self, threads) -> list[StackCopy]:
+        """The flagged threads' stacks the window copied (after release)."""
+        ffi, out = self.ffi, []
+        for t in threads:
+            if t.unsafe and t.snap_len:
+                raw = bytes(ffi.buffer(ffi.addressof(t, "regs"), ffi.sizeof("struct kp_regs")))
+                regs = {k: getattr(t.regs, k) for k, _ in ffi.typeof("struct kp_regs").fields}
+                stack = bytes(ffi.buffer(self.arena + t.snap_off, t.snap_len))
+                out.append(StackCopy(t.tid, regs, raw, stack, bool(t.snap_whole)))
+        return out
 
 
 def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:

@@ -268,6 +268,56 @@ static void scan_thread(int pid, struct kp_thread *th,
     }
 }
 
+/* Does th look exactly as k did (registers, and every stack byte up to the
+ * top)? Read in chunks into scan_buf and compared. */
+static int same_as_known(int pid, const struct kp_thread *th, const struct kp_known *k,
+                         unsigned long top)
+{
+    if (memcmp(&th->regs, &k->regs, sizeof k->regs) != 0 || top - th->regs.rsp != k->len)
+        return 0;
+    for (unsigned long done = 0; done < k->len;) {
+        size_t len = k->len - done < SCAN_CHUNK ? k->len - done : SCAN_CHUNK;
+        struct iovec local = {scan_buf, len}, remote = {(void *)(th->regs.rsp + done), len};
+        if (process_vm_readv(pid, &local, 1, &remote, 1, 0) != (ssize_t)len
+            || memcmp(scan_buf, k->stack + done, len) != 0)
+            return 0;
+        done += len;
+    }
+    return 1;
+}
+
+static unsigned long stack_top(const struct kp_thread *th, const unsigned long *stack_lo,
+                               const unsigned long *stack_hi, int nstacks)
+{
+    long si = range_index(th->regs.rsp, stack_lo, stack_hi, nstacks);
+    return si < 0 ? 0 : stack_hi[si];
+}
+
+/* A flagged thread: dismissed if precise unwinding cleared it as it is now;
+ * else its stack is copied to the arena for unwinding after release. */
+static void second_look(struct kp_window *w, struct kp_thread *th)
+{
+    th->snap_len = 0;
+    unsigned long top = stack_top(th, w->stack_lo, w->stack_hi, w->nstacks);
+    if (th->unsafe != 2 || !top)
+        return;                 /* a rip in busy code is never dismissed */
+    for (int k = 0; k < w->nknown; k++)
+        if (w->known[k].tid == th->tid && same_as_known(w->pid, th, &w->known[k], top)) {
+            th->unsafe = 0;
+            return;
+        }
+    unsigned long len = top - th->regs.rsp, room = w->arena_cap - w->arena_used;
+    th->snap_whole = len <= room;
+    if (len > room)
+        len = room;
+    struct iovec local = {w->arena + w->arena_used, len}, remote = {(void *)th->regs.rsp, len};
+    if (len && process_vm_readv(w->pid, &local, 1, &remote, 1, 0) == (ssize_t)len) {
+        th->snap_off = w->arena_used;
+        th->snap_len = len;
+        w->arena_used += len;
+    }
+}
+
 int kp_scan(int pid, struct kp_thread *t, int n,
             const unsigned long *lo, const unsigned long *hi, int nranges,
             const unsigned long *stack_lo, const unsigned long *stack_hi, int nstacks,
@@ -298,6 +348,91 @@ int kp_write_all(int memfd, int n, const unsigned long *addr,
     return -1;
 }
 
+void kp_release_world(int pid, struct kp_thread *t, int *n, int cap)
+{
+    if (!*n)
+        return;
+    kp_release_all(pid, t, *n);
+    for (int i = 0; i < *n; i++)
+        if (t[i].state == KP_RUNNING) {
+            kp_stop_all(t, n, cap, 200000);
+            kp_release_all(pid, t, *n);
+            break;
+        }
+    *n = 0;
+}
+
+static int write_all(struct kp_window *w)
+{
+    int failed = kp_write_all(w->memfd, w->nwrites, w->waddr, w->wbuf, w->wlen);
+    if (failed < 0)
+        return -1;
+    for (int i = failed - 1; i >= 0; i--)   /* all or nothing: undo what landed */
+        (void)pwrite(w->memfd, w->ubuf[i], w->wlen[i], (off_t)w->waddr[i]);
+    return failed;
+}
+
+int kp_window_open(struct kp_thread *t, int *n, int cap, struct kp_window *w)
+{
+    w->unsafe = 0;
+    w->failed_write = -1;
+    w->arena_used = 0;
+    w->old_policy = -1;
+    w->t0 = kp_now_us();
+    /* stop: at normal priority, interrupted threads need a CPU to reach
+     * their stop (at SCHED_FIFO our polling keeps them off ours) */
+    w->late = kp_stop_all(t, n, cap, w->stop_timeout_us);
+    if (w->late) {
+        for (int i = 0; i < *n; i++)
+            if (t[i].state == KP_RUNNING)
+                t[i].unsafe = 4;   /* not stopped in time (quiescence.NOT_STOPPED) */
+        return 0;
+    }
+    if (w->realtime) {
+        /* from here on nothing of the target should run: released threads
+         * would otherwise take our CPU while the rest of the world waits */
+        struct sched_param rt = {1}, old;
+        int policy = sched_getscheduler(0);
+        if (sched_getparam(0, &old) == 0 && sched_setscheduler(0, SCHED_FIFO, &rt) == 0) {
+            w->old_policy = policy;
+            w->old_priority = old.sched_priority;
+        }
+    }
+    /* scan, then a second look at what it flagged */
+    w->unsafe = kp_scan(w->pid, t, *n, w->lo, w->hi, w->nranges,
+                        w->stack_lo, w->stack_hi, w->nstacks, w->max_scan);
+    for (int i = 0; w->unsafe && i < *n; i++)
+        if (t[i].state == KP_STOPPED && t[i].unsafe) {
+            second_look(w, &t[i]);
+            if (!t[i].unsafe)
+                w->unsafe--;
+        }
+    /* (a step that moves threads out of retired code goes here) */
+    return !w->unsafe;
+}
+
+int kp_window_close(struct kp_thread *t, int *n, int cap, struct kp_window *w, int go)
+{
+    int done = 0;
+    if (go && w->write && !w->late && !w->unsafe) {
+        w->failed_write = write_all(w);
+        done = w->failed_write < 0;
+    }
+    int m = *n;   /* *n stays: the verdicts are read after release */
+    kp_release_world(w->pid, t, &m, cap);
+    w->pause_us = kp_now_us() - w->t0;
+    if (w->old_policy >= 0) {
+        struct sched_param old = {w->old_priority};
+        sched_setscheduler(0, w->old_policy, &old);
+    }
+    return done;
+}
+
+int kp_window(struct kp_thread *t, int *n, int cap, struct kp_window *w)
+{
+    return kp_window_close(t, n, cap, w, kp_window_open(t, n, cap, w));
+}
+
 int kp_release_all(int pid, struct kp_thread *t, int n)
 {
     int failed = 0;
@@ -318,7 +453,7 @@ int kp_release_all(int pid, struct kp_thread *t, int n)
         for (int s = 1; s < th->nsigs; s++)
             syscall(SYS_tgkill, pid, th->tid, th->sigs[s]);
         th->nsigs = 0;
-        th->state = r == 0 ? KP_RUNNING : KP_GONE;
+        th->state = r == 0 ? KP_DETACHED : KP_GONE;
     }
     return failed;
 }

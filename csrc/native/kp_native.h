@@ -8,6 +8,7 @@
 #define KP_RUNNING 0   /* seized, not (yet) stopped */
 #define KP_STOPPED 1   /* in a ptrace-stop, registers valid */
 #define KP_GONE    2   /* exited */
+#define KP_DETACHED 3  /* released by us */
 
 #define KP_MAX_SIGS 8
 
@@ -29,6 +30,49 @@ struct kp_thread {
     int unsafe;                  /* 0 safe, 1 rip in a range, 2 stack word in a range, 3 stack unreadable */
     unsigned long hit_value;     /* the offending address */
     unsigned long hit_where;     /* rip, or the stack slot holding it */
+    /* a flagged thread's stack [regs.rsp, +snap_len), copied to the window's
+     * arena at snap_off for unwinding after release (snap_len 0: not copied) */
+    unsigned long snap_off, snap_len;
+    int snap_whole;              /* the copy reaches the top of its stack */
+};
+
+/* A thread that precise unwinding cleared after an earlier attempt, as it
+ * was then: while its registers and stack are byte for byte the same, the
+ * verdict is the same (the unwinder reads nothing else), so the scan
+ * dismisses its conservative hit without unwinding again. */
+struct kp_known {
+    int tid;
+    struct kp_regs regs;
+    unsigned long len;           /* stack bytes from regs.rsp to its top */
+    const unsigned char *stack;
+};
+
+/* One stopped window: everything it needs, computed before it. */
+struct kp_window {
+    int pid;
+    int memfd;                                   /* /proc/PID/mem */
+    long stop_timeout_us;
+    int write;                                   /* 0: probe only */
+    int realtime;                                /* SCHED_FIFO while stopped */
+    const unsigned long *lo, *hi; int nranges;   /* busy code, sorted, disjoint */
+    const unsigned long *stack_lo, *stack_hi; int nstacks;  /* writable maps */
+    unsigned long max_scan;
+    int nwrites;
+    const unsigned long *waddr;
+    const unsigned char *const *wbuf;            /* the bytes to write */
+    const unsigned char *const *ubuf;            /* what was there: undo */
+    const unsigned long *wlen;
+    int nknown;
+    const struct kp_known *known;
+    unsigned char *arena; unsigned long arena_cap; /* copies of flagged stacks */
+    /* results */
+    int late;                                    /* threads that did not stop */
+    int unsafe;                                  /* threads flagged by the scan */
+    int failed_write;                            /* index, or -1 */
+    unsigned long arena_used;
+    double pause_us;                             /* first interrupt -> last release */
+    double t0;                                   /* (internal) */
+    int old_policy, old_priority;                /* (internal) */
 };
 
 #define KP_FOLLOW_CLONES 1   /* PTRACE_O_TRACECLONE: the stop-the-world tracer */
@@ -60,6 +104,24 @@ int kp_scan(int pid, struct kp_thread *t, int n,
  * of the first failing write, or -1 when all succeeded. */
 int kp_write_all(int memfd, int n, const unsigned long *addr,
                  const unsigned char *const *buf, const unsigned long *len);
+
+/* The whole stopped window, in C: stop every thread, scan, write (when
+ * w->write and nothing blocks), release every thread. Returns 1 if the
+ * writes were made, 0 if not (see late, unsafe, failed_write). A step that
+ * must see the stopped world before the writes goes between scan and
+ * write in kp_window() (kp_native.c). */
+int kp_window(struct kp_thread *t, int *n, int cap, struct kp_window *w);
+
+/* kp_window in two halves, for a harness's Python check between them:
+ * open stops and scans (returns 1 when nothing blocks); close writes if
+ * go (and nothing blocked) and releases. */
+int kp_window_open(struct kp_thread *t, int *n, int cap, struct kp_window *w);
+int kp_window_close(struct kp_thread *t, int *n, int cap, struct kp_window *w, int go);
+
+/* Detach every thread of t[0..*n): the stopped ones (kp_release_all), and
+ * one still running is stopped briefly first, so none is left in a
+ * ptrace-stop behind us. Sets *n to 0. */
+void kp_release_world(int pid, struct kp_thread *t, int *n, int cap);
 
 /* Release every stopped thread with PTRACE_DETACH, re-delivering the signals
  * caught while stopped (a group-stopped thread stays stopped: the kernel
