@@ -21,7 +21,6 @@ from .errors import HotpatchError, NotQuiescent, PatchMismatch, RemoteError, Tar
 from .maps import read_maps
 from .quiescence import Blocker, CodeRange
 from .tracer import Injector, Known, StackCopy, Window, World
-from .unwind import StackSnapshot, Unwinder
 
 APPLY, REVERT = "apply", "revert"
 REG_NAMES = ("rip", "rsp", "rbp", "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "r8", "r9", "r10",
@@ -84,7 +83,7 @@ class Transition:
         undo = [self.mem.read(addr, len(data)) for addr, data in self.writes]
         self._window_args = ([(r.start, r.end) for r in self.ranges],
                              [(a, d, u) for (a, d), u in zip(self.writes, undo)])
-        self.unwinder: Unwinder | None = None  # built after a first blocked attempt
+        self.unwinder = None  # an unwind.Unwinder, built after a first blocked attempt
         self._known: dict[int, Known] = {}  # threads precise unwinding cleared, as they were
         self._copies: list[StackCopy] = []  # flagged stacks of the last attempt
         self._backtraces: dict[int, list[int]] = {}
@@ -192,6 +191,7 @@ class Transition:
         positives and explains who blocks. Not built up front: most
         cutovers never need it."""
         if self.unwinder is None:
+            from .unwind import Unwinder  # pyelftools' DWARF parser: only when needed
             self.unwinder = Unwinder(self.pid, self.mem, read_maps(self.pid))
             self.unwinder.preload()
         self._unwind_copies()
@@ -256,6 +256,7 @@ class Transition:
         """Unwind the stacks the last attempt copied (the threads run
         meanwhile: this reads only the copies). A thread whose real call
         chain is complete and clean is remembered as it was."""
+        from .unwind import StackSnapshot
         for copy in self._copies:
             frames, complete = self.unwinder.unwind(copy.regs, 64, reader=StackSnapshot(copy))
             pcs = [f.pc for f in frames]

@@ -86,16 +86,19 @@ def quiet(build, spawn, monkeypatch):
     os.close(ctl_w)
 
 
-@pytest.fixture
-def no_such_import(build, hotpatch_cflags, tmp_path):
-    src = tmp_path / "needs_missing.c"
-    src.write_text('#include <hotpatch.h>\n'
-                   'extern int ksplice_test_no_such_function(int);\n'
-                   'static int compute_new(int x) { return ksplice_test_no_such_function(x); }\n'
-                   'HOTPATCH_REPLACE("compute", compute_new);\n')
-    out = tmp_path / "needs_missing.so"
-    subprocess.run(["gcc", "-shared", "-fPIC", "-O2", *hotpatch_cflags, "-o", out, src], check=True)
+def patch_from(source: str, out, cflags: list[str]):
+    """A patch built the contract's way from C source text."""
+    src = out.with_suffix(".c")
+    src.write_text("#include <hotpatch.h>\n" + source)
+    subprocess.run(["gcc", "-shared", "-fPIC", "-O2", *cflags, "-o", out, src], check=True)
     return out
+
+
+@pytest.fixture
+def no_such_import(hotpatch_cflags, tmp_path):
+    return patch_from('extern int ksplice_test_no_such_function(int);\n'
+                      'static int compute_new(int x) { return ksplice_test_no_such_function(x); }\n'
+                      'HOTPATCH_REPLACE("compute", compute_new);\n', tmp_path / "needs_missing.so", hotpatch_cflags)
 
 
 def test_refused_patch_leaves_no_trace(quiet, no_such_import):
@@ -181,14 +184,10 @@ def traced_calls(tmp_path, *args: object) -> tuple[subprocess.CompletedProcess, 
 @pytest.fixture
 def pinned_elsewhere(hotpatch_cflags, tmp_path):
     """A patch pinned to a build of the executable that is not the target's."""
-    src = tmp_path / "pinned.c"
-    src.write_text('#include <hotpatch.h>\n'
-                   'static int compute_new(int x) { return x * 3; }\n'
-                   'HOTPATCH_REPLACE("compute", compute_new);\n'
-                   'HOTPATCH_BUILD_ID("main", "00112233445566778899aabbccddeeff00112233");\n')
-    out = tmp_path / "pinned.so"
-    subprocess.run(["gcc", "-shared", "-fPIC", "-O2", *hotpatch_cflags, "-o", out, src], check=True)
-    return out
+    return patch_from('static int compute_new(int x) { return x * 3; }\n'
+                      'HOTPATCH_REPLACE("compute", compute_new);\n'
+                      'HOTPATCH_BUILD_ID("main", "00112233445566778899aabbccddeeff00112233");\n',
+                      tmp_path / "pinned.so", hotpatch_cflags)
 
 
 @pytest.mark.skipif(not __import__("shutil").which("strace"), reason="strace is not installed")

@@ -61,6 +61,29 @@ def markdown(res: dict) -> str:
         rows.append(row)
     L += _table(head, rows)
 
+    L += ["## Against the physical floor", "",
+          "*floor*: `benchmarks/floor/floor.c` on the same target in the same run: seize every "
+          "thread, interrupt them, wait for each stop, write one word through /proc/PID/mem, "
+          "release them (the least any ptrace tool can do). ×floor divides medians: our pause "
+          "by the floor's, our stall by the floor's stall. *no-hijack stall*: the heartbeat "
+          "thread alone, which no tool borrows (ours, gdb and frida borrow the main thread). "
+          "Goal: ≤1.5× the floor at every N.", ""]
+    head = ["N", "floor pause", "ours pause", "×floor", "floor stall", "ours stall", "×floor",
+            "floor no-hijack", "ours no-hijack", "×floor"]
+    for p in peers:
+        head += [f"{p} no-hijack"]
+    rows = []
+    for r in res["stall"]:
+        f, o = r.get("floor") or {}, r["ours"]
+        row = [str(r["n"]), _m(f.get("pause_us")), _m(o["pause_us"]), _x(f.get("ours_pause_ratio")),
+               _m(f.get("gap_us")), _m(o["gap_us"]), _x(f.get("ours_gap_ratio")),
+               _m(f.get("gap_thread_us")), _m(o["gap_thread_us"]), _x(f.get("ours_gap_thread_ratio"))]
+        for p in peers:
+            pr = r.get(p)
+            row += [_m(pr["gap_thread_us"]) if pr else "-"]
+        rows.append(row)
+    L += _table(head, rows)
+
     L += ["## End-to-end wall time of one apply (s, median / max)", "",
           "Each tool runs as a fresh process, timed from start to exit (ours with a warm cache).", ""]
     head = ["N", "ours", "ours runs ok"]
@@ -153,6 +176,7 @@ def plot(res: dict, path: Path) -> str | None:
     series(lambda r: r["ours"]["pause_us"], "ksplice_py pause_us (own report)", "s-", "tab:cyan")
     series(lambda r: (r.get("gdb") or {}).get("gap_us"), "gdb stall", "^-", "tab:red")
     series(lambda r: (r.get("frida") or {}).get("gap_us"), "frida stall", "v-", "tab:orange")
+    series(lambda r: (r.get("floor") or {}).get("gap_us"), "floor stall (floor.c)", "d-", "tab:green")
     series(lambda r: r["baseline_gap_us"], "idle heartbeat gap", "x-", "tab:gray")
     ax.set_xscale("log")
     ax.set_yscale("log")
