@@ -226,6 +226,8 @@ class Transition:
             world.release()  # no-op unless something above raised
         c = window.c
         pause = c.pause_us
+        self.last_split = {"stop": c.stop_us, "scan": c.scan_us, "write": c.write_us,
+                           "release": c.release_us}  # µs: where the pause went
         self.longest_pause_us = max(self.longest_pause_us, pause)
         self.stopped_us += pause
         threads = world.verdicts()
@@ -258,11 +260,13 @@ class Transition:
         chain is complete and clean is remembered as it was."""
         from .unwind import StackSnapshot
         for copy in self._copies:
-            frames, complete = self.unwinder.unwind(copy.regs, 64, reader=StackSnapshot(copy))
+            reader = StackSnapshot(copy)
+            frames, complete = self.unwinder.unwind(copy.regs, 64, reader=reader)
             pcs = [f.pc for f in frames]
             self._backtraces[copy.tid] = pcs
-            if complete and copy.whole and quiescence.frames_are_safe(pcs, self.ranges):
-                self._known[copy.tid] = Known(copy.tid, copy.raw_regs, copy.stack)
+            if complete and quiescence.frames_are_safe(pcs, self.ranges):
+                # the verdict rests on the registers and the bytes the walk read
+                self._known[copy.tid] = Known(copy.tid, copy.raw_regs, copy.stack[:reader.used])
             else:
                 self._known.pop(copy.tid, None)
         self._copies = []

@@ -85,15 +85,19 @@ class _PageReader:
 class StackSnapshot:
     """A thread's stack as copied inside a stopped window (tracer.StackCopy):
     reads inside [rsp, rsp + len) come from the copy; any other read ends
-    the walk incomplete, so a verdict never depends on live memory."""
+    the walk incomplete, so a verdict never depends on live memory. ``used``
+    says how far up the walk read: the bytes above (TLS at the top of a
+    thread's stack, which the kernel's rseq updates rewrite) do not count."""
 
     def __init__(self, copy) -> None:
         self._lo, self._data = copy.regs["rsp"], copy.stack
+        self.used = 0  # bytes from rsp up to the highest one read: what a verdict rests on
 
     def read(self, addr: int, size: int) -> bytes:
         off = addr - self._lo
         if off < 0 or off + size > len(self._data):
             raise RemoteError(f"address {addr:#x} is outside the copied stack")
+        self.used = max(self.used, off + size)
         return self._data[off:off + size]
 
     def read_u64(self, addr: int) -> int:

@@ -112,6 +112,17 @@ def markdown(res: dict) -> str:
                 [[k, _m(c[k]["wall_s"], fmt="{:.2f}"), _m(c[k]["pause_us"]), f"{c[k]['ok']}/{c[k]['runs']}"]
                  for k in ("empty", "cold", "warm") if k in c])
 
+    b = c.get("breakdown") or {}
+    if b:
+        L += ["### Where a warm apply's time goes (s, medians)", "",
+              "`bench/phases.py` runs the CLI's apply in a fresh interpreter with the library's "
+              "phases timed exclusively; *interpreter* is the same Python running `pass`.", ""]
+        rows = [["interpreter start + exit", f"{b['interpreter_s']:.3f}"],
+                ["imports (ksplice_py.cli and everything it pulls in)", f"{b['imports_s']:.3f}"]]
+        rows += [[k, f"{v:.3f}"] for k, v in b["phases_s"].items()]
+        rows += [["wall time of the whole process", f"{b['wall_s']:.3f}"]]
+        L += _table(["part", "s"], rows)
+
     L += ["## One cutover switching k functions (8 workers calling f0..f999)", ""]
     L += _table(["k", "pause µs", "stall µs", "revert pause µs", "attempts", "wall s", "runs ok"],
                 [[str(r["functions"]), _m(r["pause_us"]), _m(r["gap_us"]), _m(r["revert_pause_us"]),

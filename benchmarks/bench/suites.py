@@ -9,6 +9,7 @@ survival  64 busy workers; how often each tool leaves the target dead or broken
 """
 from __future__ import annotations
 
+import json
 import shutil
 import statistics
 import sys
@@ -21,6 +22,7 @@ from typing import Callable
 from .build import MANY_KS, Built
 from .target import Target, TargetDied
 from .tools import Floor, Frida, Gdb, OpResult, Ours
+from .tools import _run as _run_cmd
 
 STALL_TARGET_LIFE = 600.0  # seconds: far beyond any suite, still bounded
 PEER_TARGET_LIFE = 120.0
@@ -226,6 +228,36 @@ def cache(cfg: Config) -> dict:
                           "gap_us": summary([r.gap_us for r in ok]),
                           "errors": [r.error for r in results if not r.ok]}
             log(f"cache {state}: wall {_fmt(out[state]['wall_s'], 's')} s")
+        out["breakdown"] = _breakdown(cfg, t)
+    return out
+
+
+def _breakdown(cfg: Config, t: Target) -> dict:
+    """Where a warm `hotpatch apply` spends its time: the same interpreter
+    doing nothing (start-up + exit), then bench/phases.py running the CLI's
+    apply with the library's phases timed (medians over the runs)."""
+    python = Path(cfg.ours.hotpatch).read_text().splitlines()[0].removeprefix("#!").strip()
+    starts, runs = [], []
+    for _ in range(cfg.reps):
+        cp, wall, _ = _run_cmd([python, "-c", "pass"])
+        starts.append(wall)
+        cp, wall, err = _run_cmd([python, str(Path(__file__).parent / "phases.py"), str(t.pid),
+                                  str(cfg.built.patch)], env=cfg.ours._env(None))
+        if cp is None or cp.returncode != 0:
+            continue
+        data = json.loads(cp.stderr.strip().splitlines()[-1])
+        data["wall_s"] = wall
+        runs.append(data)
+        cfg.ours.revert(t.pid)
+    if not runs:
+        return {}
+    med = statistics.median
+    phases = {k: med(r["phases_s"].get(k, 0.0) for r in runs) for k in runs[0]["phases_s"]}
+    out = {"runs": len(runs), "wall_s": med(r["wall_s"] for r in runs),
+           "interpreter_s": med(starts),
+           "imports_s": med(r["imports_s"] for r in runs), "phases_s": phases}
+    log(f"breakdown: wall {out['wall_s']:.3f} s = interpreter {out['interpreter_s']:.3f} + imports "
+        f"{out['imports_s']:.3f} + " + " + ".join(f"{k} {v:.3f}" for k, v in phases.items()))
     return out
 
 

@@ -268,12 +268,12 @@ static void scan_thread(int pid, struct kp_thread *th,
     }
 }
 
-/* Does th look exactly as k did (registers, and every stack byte up to the
- * top)? Read in chunks into scan_buf and compared. */
+/* Does th look exactly as k did (registers, and the stack bytes its walk
+ * read)? Read in chunks into scan_buf and compared. */
 static int same_as_known(int pid, const struct kp_thread *th, const struct kp_known *k,
                          unsigned long top)
 {
-    if (memcmp(&th->regs, &k->regs, sizeof k->regs) != 0 || top - th->regs.rsp != k->len)
+    if (memcmp(&th->regs, &k->regs, sizeof k->regs) != 0 || top - th->regs.rsp < k->len)
         return 0;
     for (unsigned long done = 0; done < k->len;) {
         size_t len = k->len - done < SCAN_CHUNK ? k->len - done : SCAN_CHUNK;
@@ -382,6 +382,8 @@ int kp_window_open(struct kp_thread *t, int *n, int cap, struct kp_window *w)
     /* stop: at normal priority, interrupted threads need a CPU to reach
      * their stop (at SCHED_FIFO our polling keeps them off ours) */
     w->late = kp_stop_all(t, n, cap, w->stop_timeout_us);
+    w->stop_us = kp_now_us() - w->t0;
+    w->scan_us = w->write_us = 0;
     if (w->late) {
         for (int i = 0; i < *n; i++)
             if (t[i].state == KP_RUNNING)
@@ -399,6 +401,7 @@ int kp_window_open(struct kp_thread *t, int *n, int cap, struct kp_window *w)
         }
     }
     /* scan, then a second look at what it flagged */
+    double t_scan = kp_now_us();
     w->unsafe = kp_scan(w->pid, t, *n, w->lo, w->hi, w->nranges,
                         w->stack_lo, w->stack_hi, w->nstacks, w->max_scan);
     for (int i = 0; w->unsafe && i < *n; i++)
@@ -407,6 +410,7 @@ int kp_window_open(struct kp_thread *t, int *n, int cap, struct kp_window *w)
             if (!t[i].unsafe)
                 w->unsafe--;
         }
+    w->scan_us = kp_now_us() - t_scan;
     /* (a step that moves threads out of retired code goes here) */
     return !w->unsafe;
 }
@@ -414,13 +418,18 @@ int kp_window_open(struct kp_thread *t, int *n, int cap, struct kp_window *w)
 int kp_window_close(struct kp_thread *t, int *n, int cap, struct kp_window *w, int go)
 {
     int done = 0;
+    double t_write = kp_now_us();
     if (go && w->write && !w->late && !w->unsafe) {
         w->failed_write = write_all(w);
         done = w->failed_write < 0;
     }
+    double t_release = kp_now_us();
+    w->write_us = t_release - t_write;
     int m = *n;   /* *n stays: the verdicts are read after release */
     kp_release_world(w->pid, t, &m, cap);
-    w->pause_us = kp_now_us() - w->t0;
+    double end = kp_now_us();
+    w->release_us = end - t_release;
+    w->pause_us = end - w->t0;
     if (w->old_policy >= 0) {
         struct sched_param old = {w->old_priority};
         sched_setscheduler(0, w->old_policy, &old);

@@ -37,13 +37,13 @@ struct kp_thread {
 };
 
 /* A thread that precise unwinding cleared after an earlier attempt, as it
- * was then: while its registers and stack are byte for byte the same, the
- * verdict is the same (the unwinder reads nothing else), so the scan
- * dismisses its conservative hit without unwinding again. */
+ * was then: while its registers and the stack bytes the walk read are byte
+ * for byte the same, the verdict is the same (the unwinder reads nothing
+ * else), so the scan dismisses its conservative hit without unwinding. */
 struct kp_known {
     int tid;
     struct kp_regs regs;
-    unsigned long len;           /* stack bytes from regs.rsp to its top */
+    unsigned long len;           /* stack bytes from regs.rsp the walk read */
     const unsigned char *stack;
 };
 
@@ -71,6 +71,7 @@ struct kp_window {
     int failed_write;                            /* index, or -1 */
     unsigned long arena_used;
     double pause_us;                             /* first interrupt -> last release */
+    double stop_us, scan_us, write_us, release_us; /* where the pause went */
     double t0;                                   /* (internal) */
     int old_policy, old_priority;                /* (internal) */
 };
