@@ -34,7 +34,8 @@ def markdown(res: dict) -> str:
          f"{meta['reps']} runs per point, {meta['duration_s']:.0f} s in all. Load average "
          f"{meta.get('loadavg_start', '?')} at start, {meta.get('loadavg_end', '?')} at end "
          "(2 cores: anything above ~2 is other work sharing the machine, which shows in the "
-         "idle column and in every wall time).", "",
+         "idle column and in every wall time). ksplice_py's bytecode: "
+         f"{meta.get('bytecode', '?')}.", "",
          f"Tools: ksplice_py {meta['versions'].get('ksplice_py')}, "
          + ", ".join(f"{k} {v}" for k, v in meta["versions"].items() if k != "ksplice_py") + ".", ""]
     for name, why in meta["skipped_peers"].items():
