@@ -24,6 +24,7 @@ no byte changed.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -113,29 +114,45 @@ class Padding:
         return data.ljust(n, b"\0")  # past the file's end the kernel maps zeros
 
 
-def find_padding(pid: int, maps: list[Mapping], need: int) -> Padding:
+def find_padding(pid: int, maps: list[Mapping], need: int, read) -> Padding:
     """The first executable file mapping (in address order) with ``need``
-    bytes between its segment's end and the mapping's end."""
+    bytes between its segment's end and the mapping's end, whose bytes there
+    are the file's own (or a stub a killed tool left): a file replaced on
+    disk since it was mapped can never make us write over live code."""
     from elftools.elf.elffile import ELFFile  # only when injecting
 
     for mf in mapped_files(pid, maps):
         execs = [m for m in mf.mappings if m.executable and m.readable]
         if not execs:
             continue
-        path = host_path(pid, mf.path)
+        path = _mapped_file(pid, mf.path, execs[0])
         try:
             with open(path, "rb") as f:
-                segs = [(s["p_offset"], s["p_vaddr"], s["p_memsz"])
-                        for s in ELFFile(f).iter_segments()
+                segs = [(s["p_offset"], s["p_memsz"]) for s in ELFFile(f).iter_segments()
                         if s["p_type"] == "PT_LOAD" and s["p_flags"] & 1]
         except Exception:  # not an ELF we can read: try the next object
             continue
         for m in execs:
-            for off, vaddr, memsz in segs:
+            for off, memsz in segs:
                 if off & ~0xFFF != m.offset:
                     continue
-                end = m.start + (vaddr & 0xFFF) + memsz  # the segment's last byte + 1
-                if m.start < end and m.end - end >= need:
-                    return Padding(end, m.end - end, path, m.offset + (end - m.start))
+                end = m.start + (off & 0xFFF) + memsz  # the segment's last byte + 1
+                if not (m.start < end and m.end - end >= need):
+                    continue
+                pad = Padding(end, m.end - end, path, m.offset + (end - m.start))
+                if read(end, need) in (pad.file_bytes(need), code()):
+                    return pad
     raise RemoteError(f"no executable mapping of process {pid} has {need} bytes of padding "
                       "for the syscall stub")
+
+
+def _mapped_file(pid: int, path: str, m: Mapping) -> str:
+    """The file as mapped: through the target's root, unless the file there
+    is another one (replaced on disk); then the kernel's own handle."""
+    host = host_path(pid, path)
+    try:
+        if os.stat(host).st_ino == m.inode:
+            return host
+    except OSError:
+        pass
+    return f"/proc/{pid}/map_files/{m.start:x}-{m.end:x}"

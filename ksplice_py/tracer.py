@@ -356,7 +356,7 @@ class Injector:
         maps = read_maps(self.pid)
         _refuse_shadow_stack(self.pid)
         code = stub.code()
-        pad = stub.find_padding(self.pid, maps, len(code))  # before anything stops
+        pad = stub.find_padding(self.pid, maps, len(code), self.mem.read)  # before anything stops
         self._borrow(maps)
         try:
             self._place(pad, code)

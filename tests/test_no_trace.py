@@ -160,7 +160,8 @@ def test_a_stub_left_by_a_killed_tool_is_cleared(build, quiet):
     from ksplice_py import stub
     from ksplice_py.maps import read_maps
     before = trace(quiet.pid)
-    pad = stub.find_padding(quiet.pid, read_maps(quiet.pid), len(stub.code()))
+    with ksplice_py.attach(quiet.pid) as proc:
+        pad = stub.find_padding(quiet.pid, read_maps(quiet.pid), len(stub.code()), proc.mem.read)
     with open(f"/proc/{quiet.pid}/mem", "r+b", buffering=0) as mem:
         mem.seek(pad.addr)
         mem.write(stub.code())
