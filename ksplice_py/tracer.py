@@ -233,7 +233,7 @@ class Window:
     """The stopped window's inputs as C structures, built before any thread
     stops (the window itself runs no Python)."""
 
-    ARENA = 4 << 20  # stack copies of flagged threads, for unwinding after release
+    ARENA = 1 << 20  # stack copies of flagged threads, for unwinding after release
 
     def __init__(self, pid: int, memfd: int, ranges: list[tuple[int, int]],
                  writes: list[tuple[int, bytes, bytes]], write: bool, stop_timeout_s: float) -> None:
@@ -269,20 +269,18 @@ class Window:
     def set_stacks(self, maps: list[Mapping]) -> None:
         """Writable mappings, where each thread's stack top is found."""
         stacks = stack_spans(maps)
-        self._stacks = (self._ulongs([s[0] for s in stacks]), self._ulongs([s[1] for s in stacks]))
+        self._stacks = tuple(self.ffi.new("unsigned long[]", [s[i] for s in stacks] or [0]) for i in (0, 1))
         self.c.stack_lo, self.c.stack_hi = self._stacks
         self.c.nstacks = len(stacks)
 
     def set_known(self, known: list[Known]) -> None:
         ffi = self.ffi
         arr = ffi.new("struct kp_known[]", max(1, len(known)))
-        for i, k in enumerate(known):
-            arr[i].tid, arr[i].len = k.tid, len(k.stack)
+        bufs = [ffi.from_buffer(k.stack) for k in known]
+        for i, (k, buf) in enumerate(zip(known, bufs)):
+            arr[i].tid, arr[i].len, arr[i].stack = k.tid, len(k.stack), buf
             ffi.memmove(ffi.addressof(arr[i], "regs"), k.regs, len(k.regs))
-            buf = ffi.from_buffer(k.stack)
-            arr[i].stack = buf
-            self._keep.append(buf)
-        self._known = arr
+        self._known = (arr, bufs, known)  # alive as long as C may read them
         self.c.known, self.c.nknown = arr, len(known)
 
     def stack_copies(self, threads) -> list[StackCopy]:

@@ -83,6 +83,7 @@ class Transition:
         undo = [self.mem.read(addr, len(data)) for addr, data in self.writes]
         self._window_args = ([(r.start, r.end) for r in self.ranges],
                              [(a, d, u) for (a, d), u in zip(self.writes, undo)])
+        self._window: Window | None = None
         self.unwinder = None  # an unwind.Unwinder, built after a first blocked attempt
         self._known: dict[int, Known] = {}  # threads precise unwinding cleared, as they were
         self._copies: list[StackCopy] = []  # flagged stacks of the last attempt
@@ -214,8 +215,11 @@ class Transition:
         after release, on copies of their stacks, and its verdict counts in
         the next attempt for every thread whose registers and stack are
         byte for byte the same (C compares them)."""
-        window = Window(self.pid, self.mem.mem_fd(), *self._window_args, write=write,
-                        stop_timeout_s=STOP_TIMEOUT)
+        if self._window is None:  # built once: ranges, writes, undo bytes, the arena
+            self._window = Window(self.pid, self.mem.mem_fd(), *self._window_args, write=write,
+                                  stop_timeout_s=STOP_TIMEOUT)
+        window = self._window
+        window.c.write = int(write)
         window.set_stacks(read_maps(self.pid))
         window.set_known(list(self._known.values()))
         world = World(self.pid).seize()
