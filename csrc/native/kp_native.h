@@ -88,9 +88,9 @@ int kp_seize(int tid, int options);
  * number of threads that did not stop in time (0 = world stopped). */
 int kp_stop_all(struct kp_thread *t, int *n, int cap, long timeout_us);
 
-/* How kp_stop_all waits when no thread made progress: sched_yield rounds,
- * then sleeps of sleep_ns. */
-void kp_set_idle(int spins, long sleep_ns);
+/* How kp_stop_all waits when no thread made progress: sched_yield for up
+ * to yield_us, then sleeps of sleep_ns. */
+void kp_set_idle(long yield_us, long sleep_ns);
 
 /* Conservative quiescence scan of stopped threads: a thread is unsafe when its
  * rip or any aligned word from rsp to its stack's top lies in one of the
