@@ -1,6 +1,10 @@
 """The patch cycle: prepare -> apply -> finalize -> cutover -> cleanup, or abort.
 
-Named after EBS online patching. Everything up to the cutover runs while the
+Named after EBS online patching (docs/design.md); in code: ``prepare``,
+``link`` (the design's *apply* phase: "apply" alone names the whole cycle,
+``Process.apply``), ``finalize``, ``cutover`` (operations.cutover); ``stage``
+is the first three, what ``hotpatch prepare`` runs. The cleanup of an
+edition is its unmapping after a revert (operations.cleanup). Everything up to the cutover runs while the
 target runs (only one thread pauses, a few µs per injected syscall), and
 nothing in the target can reach the new code until the cutover writes the
 trampolines. The cutover's stopped window only writes bytes computed before
@@ -11,7 +15,7 @@ Order of writes (why a tool killed at any instant harms nothing):
 1. prepare maps the edition's region and writes its record in state
    ``preparing``. Killed before/after: an unreachable region; ``recover``
    (or abort) unmaps it.
-2. apply/finalize write the image, stubs and the record's JSON, then state
+2. link/finalize write the image, stubs and the record's JSON, then state
    ``prepared``. Still unreachable; the record lists every trampoline with
    its old and new bytes.
 3. cutover, inside ONE stopped window and ONE batch of pwrites: state
@@ -31,18 +35,19 @@ from dataclasses import dataclass
 
 from . import editions as ed
 from . import harness, loader, placement, trampoline, x86writer
+from .constants import (EEXIST, MAP_FIXED_NOREPLACE, MAP_PRIVATE, MFD_CLOEXEC, PAGE_SIZE, PROT_EXEC, PROT_READ,
+                        page_up, syscall_failed)
+from . import operations
 from .errors import (BuildIdMismatch, HotpatchError, PatchMismatch, RemoteError, TargetGone,
                      TrampolineError)
-from .maps import read_maps
-from .patchfile import PatchFile, Replacement
+from .lifecycle import Direction, State
+from .maps import Mapping
+from .patchfile import Import, PatchFile, Replacement
 from .symbols import Symbol
+from .target import Target
 from .tracer import Injector
-from .transition import APPLY, AttemptResult, Transition, unmap_regions
+from .transition import AttemptResult, Transition
 
-PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
-MAP_PRIVATE, MAP_FIXED_NOREPLACE = 0x02, 0x100000
-MFD_CLOEXEC = 1
-EEXIST = 17
 STUB_SLOT = 128  # per function: far jump (14) + call-original stub (bounded below)
 
 
@@ -54,7 +59,7 @@ class HarnessChoice:
     disabled: bool = False
     force: bool = False
 
-    def select(self, touched: dict[str, str | None]):
+    def select(self, touched: dict[str, str | None]) -> list[harness.Harness]:
         return harness.select(touched, list(self.names), self.disabled, self.force)
 
 
@@ -86,22 +91,28 @@ class Region:
 
 
 class PatchCycle:
-    """One patch on one process. Use ``run()`` for the whole cycle."""
+    """One patch on one process. Use ``run()`` for the whole cycle. Each
+    phase that writes into the target first re-checks that the pid still
+    names the process attached to (identity.py); an abort never unmaps in
+    a process that is no longer ours."""
 
-    def __init__(self, proc, patch: PatchFile, staged: bool = False,
+    def __init__(self, target: Target, patch: PatchFile, staged: bool = False,
                  harnesses: HarnessChoice | None = None) -> None:
         self.staged = staged
         self.harness_choice = harnesses or HarnessChoice()
-        self.proc = proc
+        self.target = target
         self.patch = patch
-        self.pid = proc.pid
-        self.mem = proc.mem
+        self.pid = target.pid
+        self.mem = target.mem
         self.switches: list[Switch] = []
         self.symbol_refs: list[tuple[int, Symbol]] = []
         self.regions: list[Region] = []
         self.edition: ed.Edition | None = None
         self.image: loader.LinkedImage | None = None
-        self.attempts = 0
+        self.edition_id = 0
+        self.record_size = 0
+        self.image_base = 0
+        self._maps: list[Mapping] = []
         self._bound: dict[tuple, int | None] = {}
         self._mapped = False
         self._switched = False
@@ -109,7 +120,8 @@ class PatchCycle:
     # -- prepare --------------------------------------------------------------
     def prepare(self) -> None:
         """Resolve everything and map the edition's memory into the target."""
-        syms = self.proc.symbols
+        self.target.verify("preparing the patch")
+        syms = self.target.symbols
         self._check_pins()
         seen: dict[int, str] = {}
         for rep in self.patch.replacements:
@@ -129,7 +141,7 @@ class PatchCycle:
         for ref in self.patch.symbol_refs:
             self.symbol_refs.append((ref.ptr, syms.resolve(ref.target)))
         chosen = self.harness_choice.select(
-            {sw.sym.object: self.proc.symbols.build_id(sw.sym.object) for sw in self.switches})
+            {sw.sym.object: syms.build_id(sw.sym.object) for sw in self.switches})
         self._plan_regions()
         self._check_fits()  # the last step before the first write
         self._map_regions()
@@ -142,7 +154,7 @@ class PatchCycle:
 
     def _check_pins(self) -> None:
         for pin in self.patch.pins:
-            actual = self.proc.symbols.build_id(pin.object)
+            actual = self.target.symbols.build_id(pin.object)
             if actual != pin.build_id:
                 raise BuildIdMismatch(
                     f"patch was built for {pin.object} build-id {pin.build_id}, "
@@ -154,14 +166,14 @@ class PatchCycle:
         return trampoline.FunctionCode(sym.qualified, sym.addr, sym.size, code)
 
     def _plan_regions(self) -> None:
-        maps = read_maps(self.pid)
+        maps = self.target.maps()
         self.edition_id = ed.next_id(maps)
         lo, hi = self.patch.span
         nfuncs = len(self.switches)
         clusters = placement.cluster([s.sym.addr for s in self.switches]) or [[0]]
         main = max(clusters, key=len)
         self.record_size = ed.record_size(nfuncs)
-        image_size = placement.page_up(hi - lo)
+        image_size = page_up(hi - lo)
         stub_size = self._stub_area(nfuncs)
         self.regions = [Region(ed.region_name(self.edition_id, self.patch.name),
                                self.record_size + image_size + stub_size, main)]
@@ -174,14 +186,14 @@ class PatchCycle:
     @staticmethod
     def _stub_area(nfuncs: int) -> int:
         # two slots a function: a far jump and a call-original stub
-        return placement.page_up(2 * STUB_SLOT * max(1, nfuncs))
+        return page_up(2 * STUB_SLOT * max(1, nfuncs))
 
     def _check_fits(self) -> None:
         """Decide everything the patch and the target's symbols and maps can
         decide, before anything is written (or even attached): every region
         has room within reach, every import binds, every wrap's prologue
         relocates, every trampoline plans. A patch that does not fit is
-        refused with the target never touched. The dry run is apply's and
+        refused with the target never touched. The dry run is link's and
         finalize's own planning code, at the addresses mmap is asked for."""
         for region in self.regions:
             found = placement.candidates(self._maps, region.anchors, region.size)
@@ -189,7 +201,7 @@ class PatchCycle:
                 raise TrampolineError(
                     f"no free address range within 2 GiB of {region.anchors[0]:#x} in process "
                     f"{self.pid} for the patch's code")
-            region.start = found[0] if found else placement.PAGE << 8
+            region.start = found[0] if found else PAGE_SIZE << 8
         self._layout()
         self._build()
         for sw in self.switches:
@@ -198,7 +210,7 @@ class PatchCycle:
             region.start = 0
 
     def _map_regions(self) -> None:
-        with Injector(self.pid, self.mem) as inj:
+        with self.target.injector() as inj:
             for region in self.regions:
                 region.start = self._map_one(inj, region)
                 self._mapped = True
@@ -223,7 +235,7 @@ class PatchCycle:
                 addr = inj("mmap", hint, region.size, PROT_READ, flags, fd, 0)
                 if addr == -EEXIST:
                     continue  # raced with the target's own mmap; next gap
-                if -4096 < addr < 0:
+                if syscall_failed(addr):
                     raise RemoteError(f"mmap in process {self.pid} failed: {os.strerror(-addr)}")
                 if hint and addr != hint:  # old kernel without NOREPLACE: a mere hint
                     inj("munmap", addr, region.size)
@@ -233,17 +245,18 @@ class PatchCycle:
         finally:
             inj("close", fd)
 
-    # -- apply ----------------------------------------------------------------
-    def apply(self) -> None:
+    # -- link (the design's "apply" phase) --------------------------------------
+    def link(self) -> None:
         """Link the image, build stubs, fill pointers; write it all. Nothing
         in the target can reach any of it yet."""
+        self.target.verify("loading the patch")
         for addr, data in self._build():
             self.mem.write(addr, data)
         self._protect()
 
     def _build(self) -> list[tuple[int, bytes]]:
         """Link the image and plan the stubs and pointers for the regions'
-        addresses: every byte apply writes, computed without writing."""
+        addresses: every byte link writes, computed without writing."""
         self.image = loader.link(self.patch, self.image_base, self._bind)
         pointer_writes: list[tuple[int, bytes]] = []
         for sw in self.switches:
@@ -265,10 +278,10 @@ class PatchCycle:
             pointer_writes.append((self.image.addr(ptr), struct.pack("<Q", sym.addr)))
         return [*self.image.writes, *pointer_writes]
 
-    def _bind(self, imp) -> int | None:
+    def _bind(self, imp: Import) -> int | None:
         key = (imp.name, imp.version, imp.weak)
-        if key not in self._bound:  # once: the dry run's bindings serve apply
-            self._bound[key] = self.proc.symbols.bind_import(imp.name, imp.version, imp.weak)
+        if key not in self._bound:  # once: the dry run's bindings serve link
+            self._bound[key] = self.target.symbols.bind_import(imp.name, imp.version, imp.weak)
         return self._bound[key]
 
     def _near_region(self, addr: int) -> Region:
@@ -285,7 +298,7 @@ class PatchCycle:
         calls.append((stubs_start, main.start + main.size - stubs_start, PROT_READ | PROT_EXEC))
         for r in self.regions[1:]:
             calls.append((r.start, r.size, PROT_READ | PROT_EXEC))
-        with Injector(self.pid, self.mem) as inj:
+        with self.target.injector() as inj:
             for addr, size, prot in calls:
                 if size:
                     inj.checked("mprotect", addr, size, prot)
@@ -294,6 +307,7 @@ class PatchCycle:
     def finalize(self) -> None:
         """Compute and validate every trampoline; precompute the cutover's
         writes; record the edition as ``prepared``."""
+        self.target.verify("finalizing the patch")
         for sw in self.switches:
             sw.code = self._read_function(sw.sym)  # fresh: an edition may have landed
             sw.redirect = trampoline.plan_redirect(sw.code, sw.new_addr, near_stub=sw.far_stub)
@@ -306,7 +320,7 @@ class PatchCycle:
                 old_bytes=sw.redirect.old.hex(), new_bytes=sw.redirect.new.hex(),
                 stub_addr=sw.stub_addr)
             for sw in self.switches]
-        self.edition.state = "prepared"
+        self.edition.move(State.PREPARED)
         self._write_record()
 
     def _write_record(self) -> None:
@@ -317,38 +331,39 @@ class PatchCycle:
         self.mem.write(e.record_addr + ed.HEADER.size, body)
         self.mem.write(e.record_addr, e.header())
 
+    def stage(self) -> ed.Edition:
+        """prepare, link, finalize: the edition is ``prepared``, unreachable."""
+        self.prepare()
+        self.link()
+        self.finalize()
+        return self.edition
+
     # -- cutover ---------------------------------------------------------------
     def cutover(self, timeout: float) -> ed.Edition:
         """Switch in one stopped window, retried with back-off (transition.py)."""
-        self.transition = Transition(self.proc, self.edition, APPLY)
-        try:
-            self.transition.start(timeout)
-        finally:
-            self.attempts = self.transition.attempts
+        operations.cutover(self.target, self.edition, timeout)
         self._switched = True
         return self.edition
 
     # -- check / abort --------------------------------------------------------
     def probe(self) -> AttemptResult:
         """One quiescence probe without writing (``hotpatch check``)."""
-        self.transition = Transition(self.proc, self.edition, APPLY)
-        return self.transition.probe()
+        return Transition(self.target, self.edition, Direction.PATCH).probe()
 
     def abort(self) -> None:
-        """Before cutover: unmap what prepare mapped; the target is as before."""
+        """Before cutover: unmap what prepare mapped; the target is as before.
+        Never into whoever has the pid now: that memory went with our process."""
         if self._mapped:
             try:
-                unmap_regions(self.proc, [(r.start, r.size) for r in self.regions])
-            except TargetGone:
+                operations.abort(self.target, [(r.start, r.size) for r in self.regions])
+            except TargetGone:  # PidReused too: that memory is not ours to unmap
                 pass
-            self._mapped = False
+        self._mapped = False
 
     # -- the whole cycle ------------------------------------------------------
     def run(self, timeout: float) -> ed.Edition:
         try:
-            self.prepare()
-            self.apply()
-            self.finalize()
+            self.stage()
             return self.cutover(timeout)
         except BaseException:
             # Any failure before the switch (including Ctrl-C/SIGTERM): undo.

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from . import x86writer as x86
+from .constants import ERESTART_RESTARTBLOCK, ERESTARTNOHAND, ERESTARTNOINTR, ERESTARTSYS, SYSCALLS
 from .errors import RemoteError
 from .maps import Mapping, host_path, mapped_files
 
@@ -40,8 +41,7 @@ POPPED = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp",
 SLOTS = (*POPPED, "eflags", "rip")  # rsp is implied: rip slot + 8 + RET_SKIP
 SCRATCH = 512  # below the save area: syscall arguments (a memfd's name)
 
-_ERESTART = (-512, -513, -514)  # ERESTARTSYS, ERESTARTNOINTR, ERESTARTNOHAND
-_ERESTART_RESTARTBLOCK, _NR_RESTART_SYSCALL = -516, 219
+_ERESTART = (-ERESTARTSYS, -ERESTARTNOINTR, -ERESTARTNOHAND)
 
 
 @lru_cache(maxsize=1)
@@ -89,8 +89,8 @@ def save_area(regs) -> bytes:
     rax = r["rax"] - (1 << 64) if r["rax"] >= 1 << 63 else r["rax"]
     if r["orig_rax"] < 1 << 63 and rax in _ERESTART:
         r["rax"], r["rip"] = r["orig_rax"], r["rip"] - 2
-    elif r["orig_rax"] < 1 << 63 and rax == _ERESTART_RESTARTBLOCK:
-        r["rax"], r["rip"] = _NR_RESTART_SYSCALL, r["rip"] - 2
+    elif r["orig_rax"] < 1 << 63 and rax == -ERESTART_RESTARTBLOCK:
+        r["rax"], r["rip"] = SYSCALLS["restart_syscall"], r["rip"] - 2
     r["eflags"] &= ~0x10100  # never resume with TF/RF set
     return b"".join(r[k].to_bytes(8, "little") for k in SLOTS)
 

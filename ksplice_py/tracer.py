@@ -17,22 +17,13 @@ import os
 from dataclasses import dataclass
 
 from . import native
+from .constants import SYSCALLS, syscall_failed
 from .errors import AccessDenied, NoSuchProcess, RemoteError, TargetGone
-from .identity import status_field
 from . import stub
+from .identity import status_field
 from .maps import Mapping, read_maps
 
 MAX_THREADS = 1 << 20
-
-
-@dataclass(frozen=True)
-class ThreadState:
-    """A stopped thread, copied out of the C array for reporting."""
-
-    tid: int
-    rip: int
-    rsp: int
-    regs: dict[str, int]
 
 
 def list_tids(pid: int) -> list[int]:
@@ -325,7 +316,6 @@ def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
 
 # -- syscall injection ------------------------------------------------------
 
-SYS = {"mmap": 9, "mprotect": 10, "munmap": 11, "close": 3, "ftruncate": 77, "memfd_create": 319}
 
 
 class Injector:
@@ -407,7 +397,7 @@ class Injector:
     def __call__(self, name: str, *args: int) -> int:
         a = [int(x) for x in args] + [0] * (6 - len(args))
         ret = self.ffi.new("long *")
-        rc = self.lib.kp_inject_syscall(self._t, self.entry, self.block.save, SYS[name], *a, ret)
+        rc = self.lib.kp_inject_syscall(self._t, self.entry, self.block.save, SYSCALLS[name], *a, ret)
         if rc == -errno.ESRCH:
             raise TargetGone(f"process {self.pid} exited")
         if rc != 0:
@@ -416,7 +406,7 @@ class Injector:
 
     def checked(self, name: str, *args: int) -> int:
         r = self(name, *args)
-        if -4096 < r < 0:
+        if syscall_failed(r):
             raise RemoteError(f"{name} in process {self.pid} failed: {os.strerror(-r)}")
         return r
 

@@ -7,10 +7,11 @@ Lifecycle, as in Linux's kernel/livepatch/transition.c:
 here, before any thread stops) -> ``start`` (retry loop) -> ``try_complete``
 (one stopped-window attempt) -> ``complete`` (record updated) or, when no
 safe moment comes, ``NotQuiescent`` naming the threads that blocked.
+operations.py runs it (cutover, revert, recovery); lifecycle.py has the
+states it moves the edition through.
 """
 from __future__ import annotations
 
-import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -18,11 +19,12 @@ from dataclasses import dataclass, field
 from . import editions as ed
 from . import harness, quiescence
 from .errors import HotpatchError, NotQuiescent, PatchMismatch, RemoteError, TargetGone
+from .lifecycle import Direction
 from .maps import read_maps
-from .quiescence import Blocker, CodeRange
-from .tracer import Injector, Known, StackCopy, Window, World
+from .quiescence import Blocker, CodeRange, Verdict
+from .target import Target
+from .tracer import Known, StackCopy, Window, World
 
-APPLY, REVERT = "apply", "revert"
 REG_NAMES = ("rip", "rsp", "rbp", "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "r8", "r9", "r10",
              "r11", "r12", "r13", "r14", "r15", "orig_rax", "fs_base")
 STOP_TIMEOUT = 0.2  # longest wait for every thread to reach its stop, per attempt
@@ -44,39 +46,25 @@ def sleep_backoff(attempt: int, remaining: float) -> None:
     time.sleep(max(0.0, min(delay, remaining)))
 
 
-def jmp_target(addr: int, code: bytes) -> int | None:
-    """Destination of a ``jmp rel32`` at addr, if code starts with one."""
-    if len(code) >= 5 and code[0] == 0xE9:
-        return addr + 5 + int.from_bytes(code[1:5], "little", signed=True)
-    return None
-
-
-def owner_edition(addr: int, editions: list[ed.Edition]) -> ed.Edition | None:
-    for e in editions:
-        if any(start <= addr < start + size for start, size in e.regions):
-            return e
-    return None
-
-
 class Transition:
-    """Switch ``edition`` in (APPLY) or out (REVERT)."""
+    """Switch ``edition`` in (Direction.PATCH) or out (Direction.UNPATCH)."""
 
-    def __init__(self, proc, edition: ed.Edition, direction: str,
+    def __init__(self, target: Target, edition: ed.Edition, direction: Direction,
                  functions: list[ed.FunctionSwitch] | None = None) -> None:
-        self.proc, self.pid, self.mem = proc, proc.pid, proc.mem
+        self.target, self.pid, self.mem = target, target.pid, target.mem
         self.edition = edition
         self.direction = direction
         self.functions = edition.functions if functions is None else functions
         self.attempts = 0
         self.longest_pause_us = 0.0
         self.stopped_us = 0.0
-        others = [e for e in proc.editions() if e.id != edition.id]
+        others = [e for e in target.editions() if e.id != edition.id]
         self._check_code(others)
         self.harnesses = harness.by_names(edition.harnesses)
         # Harness-critical code counts in both directions: switching resolver
         # code (either way) while a thread is inside the resolver is unsafe.
         self.ranges = quiescence.busy_ranges(
-            self._busy_ranges(others), harness.critical_ranges(self.harnesses, proc.symbols))
+            self._busy_ranges(others), harness.critical_ranges(self.harnesses, target.symbols))
         self.checks = [h for h in self.harnesses if h.check]
         self.writes = self._writes()
         # What is there now, to put back if a write fails half-way (in C).
@@ -87,22 +75,24 @@ class Transition:
         self.unwinder = None  # an unwind.Unwinder, built after a first blocked attempt
         self._known: dict[int, Known] = {}  # threads precise unwinding cleared, as they were
         self._copies: list[StackCopy] = []  # flagged stacks of the last attempt
+        self._vetoes: list[tuple[int, str]] = []
+        self.last_split: dict[str, float] = {}
         self._backtraces: dict[int, list[int]] = {}
 
     # -- init: everything computed before any thread stops ------------------------
     def _check_code(self, others: list[ed.Edition]) -> None:
         """The bytes we replace must be exactly those the record expects."""
         for f in self.functions:
-            want = bytes.fromhex(f.old_bytes if self.direction == APPLY else f.new_bytes)
+            want = bytes.fromhex(f.old_bytes if self.direction is Direction.PATCH else f.new_bytes)
             have = self.mem.read(f.addr, len(want))
             if have == want:
                 continue
-            newer = owner_edition(jmp_target(f.addr, have) or -1, others)
-            if self.direction == REVERT and newer:
+            newer = quiescence.redirected_to(f.addr, have, others)
+            if self.direction is Direction.UNPATCH and newer:
                 raise PatchMismatch(
                     f"edition {newer.id} ({newer.patch}) replaced {f.symbol} after edition "
                     f"{self.edition.id}; revert edition {newer.id} first")
-            if self.direction == APPLY and newer:
+            if self.direction is Direction.PATCH and newer:
                 raise PatchMismatch(
                     f"{f.symbol} changed since edition {self.edition.id} was prepared "
                     f"(edition {newer.id} now redirects it); abort and prepare again")
@@ -111,25 +101,9 @@ class Transition:
                 f"{self.edition.id} expects; abort and prepare again")
 
     def _busy_ranges(self, others: list[ed.Edition]) -> list[CodeRange]:
-        if self.direction == APPLY:
-            old = [CodeRange(f.addr, f.addr + max(f.size, len(bytes.fromhex(f.old_bytes))), f.symbol)
-                   for f in self.functions]
-            old += [c for f in self.functions for c in self._split_parts(f)]
-            # Stacking: a function already redirected retires that earlier
-            # edition's code too. We do not record each new function's size,
-            # so its whole region counts: conservative, never unsafe.
-            retired = []
-            for f in self.functions:
-                below = owner_edition(jmp_target(f.addr, bytes.fromhex(f.old_bytes)) or -1, others)
-                if below:
-                    retired += [CodeRange(s, s + n, f"edition {below.id}") for s, n in below.regions]
-            return quiescence.busy_ranges(old, retired)
-        # Revert: the edition's memory is unmapped afterwards, so no thread may
-        # be anywhere in it; nor inside a trampoline being rewritten.
-        windows = [CodeRange(f.addr, f.addr + len(bytes.fromhex(f.new_bytes)), f.symbol)
-                   for f in self.functions]
-        regions = [CodeRange(s, s + n, f"edition {self.edition.id}") for s, n in self.edition.regions]
-        return quiescence.busy_ranges(windows, regions)
+        if self.direction is Direction.PATCH:
+            return quiescence.patch_ranges(self.functions, others, self._split_parts)
+        return quiescence.unpatch_ranges(self.edition, self.functions)
 
     def _split_parts(self, f: ed.FunctionSwitch) -> list[CodeRange]:
         """gcc moves unlikely code to ``name.cold``: a thread there is inside
@@ -137,19 +111,21 @@ class Transition:
         out = []
         for suffix in (".cold", ".part.0"):
             try:
-                sym = self.proc.symbols.resolve(f.symbol + suffix)
+                sym = self.target.symbols.resolve(f.symbol + suffix)
             except HotpatchError:
                 continue
             out.append(CodeRange(sym.addr, sym.addr + sym.size, sym.qualified))
         return out
 
     def _writes(self) -> list[tuple[int, bytes]]:
-        if self.direction == APPLY:
-            return [self.edition.state_bytes("switching"),
-                    *[(f.addr, bytes.fromhex(f.new_bytes)) for f in self.functions],
-                    self.edition.state_bytes("applied")]
-        return [self.edition.state_bytes("reverting"),
-                *[(f.addr, bytes.fromhex(f.old_bytes)) for f in self.functions]]
+        """The window's one batch: the state while switching, every
+        trampoline, then (for a cutover) the final state. A revert's final
+        state is the cleanup's unmap."""
+        during = self.edition.state_bytes(self.direction.during)
+        if self.direction is Direction.PATCH:
+            return [during, *[(f.addr, bytes.fromhex(f.new_bytes)) for f in self.functions],
+                    self.edition.state_bytes(self.direction.outcome)]
+        return [during, *[(f.addr, bytes.fromhex(f.old_bytes)) for f in self.functions]]
 
     # -- start / try_complete ------------------------------------------------------
     def start(self, timeout: float) -> AttemptResult:
@@ -158,7 +134,7 @@ class Transition:
         quick_retry = False
         for h in self.harnesses:
             if h.before_cutover:
-                h.before_cutover(self.proc, self.edition)
+                h.before_cutover(self.target, self.edition)
         while True:
             self.attempts += 1
             result = self.try_complete(write=True)
@@ -166,27 +142,26 @@ class Transition:
                 self.complete(result)
                 for h in self.harnesses:
                     if h.after_cutover:
-                        h.after_cutover(self.proc, self.edition)
+                        h.after_cutover(self.target, self.edition)
                 return result
             remaining = deadline - time.monotonic()
             if self.unwinder is None:
                 # one more attempt, with precise unwinding, even when time is up
-                self.prepare_precise()
+                self.load_unwinder()
                 remaining = max(remaining, 0.001)
             if self._worth_retrying_now(result) and not quick_retry and remaining > 0:
                 quick_retry = True  # once in a row: never a busy loop of stops
                 continue
             quick_retry = False
             if remaining <= 0:
-                verb = "switch" if self.direction == APPLY else "revert"
                 raise NotQuiescent(
-                    f"no safe moment to {verb} edition {self.edition.id} within {timeout:g}s "
+                    f"no safe moment to {self.direction.verb} edition {self.edition.id} within {timeout:g}s "
                     f"({self.attempts} attempts): {quiescence.summarize(result.blockers)}; "
                     f"retry later or with a longer --timeout",
-                    blockers=[b.to_dict() for b in result.blockers], attempts=self.attempts)
+                    blockers=result.blockers, attempts=self.attempts)
             sleep_backoff(self.attempts, remaining)
 
-    def prepare_precise(self) -> None:
+    def load_unwinder(self) -> None:
         """Ready the DWARF unwinder once an attempt was blocked, and unwind
         the stacks that attempt copied: it dismisses conservative false
         positives and explains who blocks. Not built up front: most
@@ -203,7 +178,7 @@ class Transition:
         self.attempts += 1
         result = self.try_complete(write=False)
         if not result.done:
-            self.prepare_precise()
+            self.load_unwinder()
             self.attempts += 1
             result = self.try_complete(write=False)
         return result
@@ -255,7 +230,7 @@ class Transition:
         """Blocked only by threads unwinding has just cleared (or whose stack
         was born after we read the maps): the next attempt will likely pass."""
         return bool(result.verdicts) and not result.late and all(
-            (v == quiescence.ON_STACK and tid in self._known) or v == quiescence.STACK_UNKNOWN
+            (v == Verdict.ON_STACK and tid in self._known) or v == Verdict.STACK_UNKNOWN
             for tid, v, _ in result.verdicts)
 
     def _unwind_copies(self) -> None:
@@ -292,26 +267,20 @@ class Transition:
         return not vetoes
 
     def _blockers(self, verdicts) -> list[Blocker]:
-        return [quiescence.blocker(self.pid, tid, v, val, self.ranges, self.proc.symbolize,
+        return [quiescence.blocker(self.pid, tid, v, val, self.ranges, self.target.symbolize,
                                    self._backtraces.get(tid, ()))
                 for tid, v, val in verdicts]
 
     # -- complete ------------------------------------------------------------------
     def complete(self, result: AttemptResult) -> None:
+        """The window wrote the states; mirror them here, with the stops'
+        timings (a cutover's record keeps them; a revert's goes with cleanup)."""
         e = self.edition
         e.pause_us, e.attempts = result.pause_us, self.attempts
         e.longest_pause_us, e.stopped_us = self.longest_pause_us, self.stopped_us
-        if self.direction == APPLY:
-            e.state, e.applied_at = "applied", time.time()
+        e.move(self.direction.during)
+        e.move(self.direction.outcome)
+        if self.direction is Direction.PATCH:
+            e.applied_at = time.time()
             self.mem.write(e.record_addr, e.header())
-        else:
-            e.state = "reverted"
-            unmap_regions(self.proc, e.regions)
 
-
-def unmap_regions(proc, regions: list[tuple[int, int]]) -> None:
-    """Remove an edition's memory (and with it, its record)."""
-    with Injector(proc.pid, proc.mem) as inj:
-        for start, size in regions:
-            if start:
-                inj("munmap", start, size)

@@ -17,8 +17,8 @@ import time
 import pytest
 
 import ksplice_py
+from ksplice_py import trust
 from ksplice_py.cycle import PatchCycle
-from ksplice_py.patchfile import PatchFile
 
 from conftest import assert_error, assert_ok, describe, maps_lines, run_hotpatch, tracer_pid, wait_until
 
@@ -145,7 +145,7 @@ def test_recover_of_an_orphan_leaves_no_trace(build, quiet):
     `recover` removes it and, with it, every trace."""
     before = trace(quiet.pid)
     with ksplice_py.attach(quiet.pid) as proc:
-        PatchCycle(proc, PatchFile.load(build.patch("compute_mul"))).prepare()  # and "dies"
+        PatchCycle(proc.target, trust.load_patch(build.patch("compute_mul"))).prepare()  # and "dies"
     assert any("ksplice_py:ed" in m for m in maps_lines(quiet.pid))
     cp = run_hotpatch("recover", quiet.pid)
     assert_ok(cp)

@@ -148,14 +148,8 @@ static int on_status(struct kp_thread *t, int *n, int cap, struct kp_thread *th,
  * 1.5-2.7 ms once it slept after 64 rounds), while a yield hands the CPU
  * to the threads that must reach their stop; the sleeps only spare the CPU
  * when a thread will not stop at all (uninterruptible sleep). */
-static long idle_yield_us = 20000;
-static long idle_sleep_ns = 20000;
-
-void kp_set_idle(long yield_us, long sleep_ns)
-{
-    idle_yield_us = yield_us;
-    idle_sleep_ns = sleep_ns;
-}
+static const long idle_yield_us = 20000;
+static const long idle_sleep_ns = 20000;
 
 int kp_stop_all(struct kp_thread *t, int *n, int cap, long timeout_us)
 {
@@ -232,18 +226,16 @@ static void scan_thread(int pid, struct kp_thread *th,
                         const unsigned long *stack_lo, const unsigned long *stack_hi, int nstacks,
                         unsigned long max_scan)
 {
-    th->unsafe = 0;
+    th->unsafe = KP_SAFE;
     if (in_ranges(th->regs.rip, lo, hi, nranges)) {
-        th->unsafe = 1;
+        th->unsafe = KP_IN_RIP;
         th->hit_value = th->regs.rip;
-        th->hit_where = th->regs.rip;
         return;
     }
     unsigned long sp = th->regs.rsp & ~7UL;
     long si = range_index(sp, stack_lo, stack_hi, nstacks);
     if (si < 0) {     /* stack not in the mappings we were given: caller re-reads maps */
-        th->unsafe = 3;
-        th->hit_where = sp;
+        th->unsafe = KP_STACK_UNKNOWN;
         return;
     }
     unsigned long top = stack_hi[si];
@@ -255,8 +247,7 @@ static void scan_thread(int pid, struct kp_thread *th,
         struct iovec local = {scan_buf, len}, remote = {(void *)at, len};
         ssize_t got = process_vm_readv(pid, &local, 1, &remote, 1, 0);
         if (got <= 0) {
-            th->unsafe = 3;
-            th->hit_where = at;
+            th->unsafe = KP_STACK_UNKNOWN;
             return;
         }
         size_t words = (size_t)got / sizeof(unsigned long);
@@ -265,9 +256,8 @@ static void scan_thread(int pid, struct kp_thread *th,
             if (v < minv || v >= maxv)    /* the common case: one compare pair */
                 continue;
             if (in_ranges(v, lo, hi, nranges)) {
-                th->unsafe = 2;
+                th->unsafe = KP_ON_STACK;
                 th->hit_value = v;
-                th->hit_where = at + w * sizeof(unsigned long);
                 return;
             }
         }
@@ -306,11 +296,11 @@ static void second_look(struct kp_window *w, struct kp_thread *th)
 {
     th->snap_len = 0;
     unsigned long top = stack_top(th, w->stack_lo, w->stack_hi, w->nstacks);
-    if (th->unsafe != 2 || !top)
+    if (th->unsafe != KP_ON_STACK || !top)
         return;                 /* a rip in busy code is never dismissed */
     for (int k = 0; k < w->nknown; k++)
         if (w->known[k].tid == th->tid && same_as_known(w->pid, th, &w->known[k], top)) {
-            th->unsafe = 0;
+            th->unsafe = KP_SAFE;
             return;
         }
     unsigned long len = top - th->regs.rsp, room = w->arena_cap - w->arena_used;
@@ -335,11 +325,11 @@ int kp_scan(int pid, struct kp_thread *t, int n,
         if (t[i].state != KP_STOPPED)
             continue;
         if (nranges == 0) {
-            t[i].unsafe = 0;
+            t[i].unsafe = KP_SAFE;
             continue;
         }
         scan_thread(pid, &t[i], lo, hi, nranges, stack_lo, stack_hi, nstacks, max_scan_bytes);
-        unsafe += t[i].unsafe != 0;
+        unsafe += t[i].unsafe != KP_SAFE;
     }
     return unsafe;
 }
@@ -394,7 +384,7 @@ int kp_window_open(struct kp_thread *t, int *n, int cap, struct kp_window *w)
     if (w->late) {
         for (int i = 0; i < *n; i++)
             if (t[i].state == KP_RUNNING)
-                t[i].unsafe = 4;   /* not stopped in time (quiescence.NOT_STOPPED) */
+                t[i].unsafe = KP_NOT_STOPPED;
         return 0;
     }
     if (w->realtime) {
