@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 
 from . import editions as ed
-from . import harness, quiescence
+from . import harness, interrupts, quiescence
 from .errors import HotpatchError, NotQuiescent, PatchMismatch, RemoteError, TargetGone
 from .lifecycle import Direction
 from .maps import read_maps
@@ -137,13 +137,17 @@ class Transition:
                 h.before_cutover(self.target, self.edition)
         while True:
             self.attempts += 1
-            result = self.try_complete(write=True)
-            if result.done:
-                self.complete(result)
-                for h in self.harnesses:
-                    if h.after_cutover:
-                        h.after_cutover(self.target, self.edition)
-                return result
+            # SIGINT/SIGTERM wait for the attempt to end: before its write
+            # they then unwind as usual; after it, the switch is complete
+            # and recorded before anyone hears of the interrupt.
+            with interrupts.held():
+                result = self.try_complete(write=True)
+                if result.done:
+                    self.complete(result)
+                    for h in self.harnesses:
+                        if h.after_cutover:
+                            h.after_cutover(self.target, self.edition)
+                    return result
             remaining = deadline - time.monotonic()
             if self.unwinder is None:
                 # one more attempt, with precise unwinding, even when time is up
@@ -154,8 +158,9 @@ class Transition:
                 continue
             quick_retry = False
             if remaining <= 0:
+                within = f"within {timeout:g}s" if timeout else "at once (--timeout 0: one try)"
                 raise NotQuiescent(
-                    f"no safe moment to {self.direction.verb} edition {self.edition.id} within {timeout:g}s "
+                    f"no safe moment to {self.direction.verb} edition {self.edition.id} {within} "
                     f"({self.attempts} attempts): {quiescence.summarize(result.blockers)}; "
                     f"retry later or with a longer --timeout",
                     blockers=result.blockers, attempts=self.attempts)
@@ -201,6 +206,8 @@ class Transition:
         self._vetoes = []
         try:
             done = world.run(window, self._run_checks if self.checks else None)
+            if done:  # signals are held for the attempt: none falls in between
+                interrupts.commit()  # the change is made: the command must complete
         finally:
             world.release()  # no-op unless something above raised
         c = window.c
@@ -274,13 +281,16 @@ class Transition:
     # -- complete ------------------------------------------------------------------
     def complete(self, result: AttemptResult) -> None:
         """The window wrote the states; mirror them here, with the stops'
-        timings (a cutover's record keeps them; a revert's goes with cleanup)."""
+        timings (a cutover's record keeps them; a revert's are reported, its
+        record goes with cleanup)."""
         e = self.edition
-        e.pause_us, e.attempts = result.pause_us, self.attempts
-        e.longest_pause_us, e.stopped_us = self.longest_pause_us, self.stopped_us
         e.move(self.direction.during)
         e.move(self.direction.outcome)
         if self.direction is Direction.PATCH:
+            e.pause_us, e.attempts = result.pause_us, self.attempts
+            e.longest_pause_us, e.stopped_us = self.longest_pause_us, self.stopped_us
             e.applied_at = time.time()
             self.mem.write(e.record_addr, e.header())
+        else:  # the apply's figures stay: they say what the target felt then
+            e.reverted_at, e.revert_pause_us = time.time(), result.pause_us
 
