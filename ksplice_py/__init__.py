@@ -14,9 +14,14 @@ from .errors import __all__ as _ERRORS
 __version__ = "0.1.0"
 
 _WHERE = {"Edition": "editions", "FunctionSwitch": "editions", "attach": "process",
-          "Process": "process", "CheckReport": "process"}
+          "Process": "process", "CheckReport": "process", "Selector": "discovery",
+          "Action": "fleet_results", "FleetResult": "fleet_results", "Outcome": "fleet_results",
+          "ProcessResult": "fleet_results", "ProcessEditions": "fleet_runner", "fleet": "fleet_runner",
+          "fleet_list": "fleet_runner"}
 
-__all__ = ["attach", "Process", "CheckReport", "Edition", "FunctionSwitch", *_ERRORS]
+__all__ = ["attach", "Process", "CheckReport", "Edition", "FunctionSwitch", *_ERRORS,
+           "fleet", "fleet_list", "Selector", "Action", "Outcome", "ProcessResult", "FleetResult",
+           "ProcessEditions"]
 
 
 def __getattr__(name: str):
@@ -29,4 +34,7 @@ def __getattr__(name: str):
 
 if TYPE_CHECKING:
     from .editions import Edition, FunctionSwitch
+    from .discovery import Selector
+    from .fleet_results import Action, FleetResult, Outcome, ProcessResult
+    from .fleet_runner import ProcessEditions, fleet, fleet_list
     from .process import CheckReport, Process, attach

@@ -44,7 +44,7 @@ except ImportError:  # pragma: no cover
     syslog = None  # type: ignore[assignment]
 
 SYSLOG_IDENT = "hotpatch"
-AUDITED = ("apply", "prepare", "cutover", "abort", "revert", "recover")
+AUDITED = ("apply", "prepare", "cutover", "abort", "revert", "recover", "install", "uninstall")
 DEFAULT_LOG = "/var/log/ksplice_py/audit.jsonl"
 LOG_ENV = "KSPLICE_PY_AUDIT_LOG"  # another path, or empty for no file
 
@@ -81,6 +81,7 @@ class AuditRecord:
     exit_code: int = 0
     error: str | None = None
     pause_us: float | None = None
+    fleet: dict | None = None  # --all, install, uninstall: the run's counts (the summary record)
     already_applied: bool | None = None  # apply found the same content applied: nothing done
     user: dict = field(default_factory=invoking_user)
     time: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))

@@ -21,7 +21,7 @@ import signal
 import sys
 from typing import Callable
 
-from . import __version__, audit, errors, harness, interrupts, trust
+from . import __version__, audit, cli_fleet, cli_store, errors, harness, interrupts, trust
 from .cycle import HarnessChoice
 from .patchfile import PatchFile, cflags
 from .process import Process, attach
@@ -103,6 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
     cmd("cflags", "compiler flags for building patches")
     cmd("harnesses", "the quiescence harnesses installed")
     sub.add_parser("demo", help="the live DNS-server demo (hotpatch demo --help)", add_help=False)
+    # Parsed by cli_store.py; listed here for --help. (`--all` forms: cli_fleet.py.)
+    for name, text in (("install", "store a patch; apply it to every matching process, now and later"),
+                       ("uninstall", "remove an installed patch and revert it everywhere"),
+                       ("installed", "installed patches, who carries them, who does not and why"),
+                       ("watch", "service: apply installed patches to processes as they start")):
+        sub.add_parser(name, help=text, add_help=False)
     _conventions(p)
     return p
 
@@ -367,6 +373,19 @@ COMMANDS: dict[str, Callable] = {
 }
 
 
+# -- fleet and store: ACTION --all PATCH, list --all, install... (own parsers) --
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    """--all command lines go to cli_fleet.py; install, uninstall, installed
+    and watch to cli_store.py; the rest to build_parser()."""
+    for module, handler in ((cli_fleet, cli_fleet.do_fleet), (cli_store, cli_store.do_store)):
+        if module.wants(argv):
+            args = module.parser(_Parser(prog="hotpatch").error).parse_args(argv)
+            args.pid, args.handler = "", handler  # no single pid: one record per process
+            return args
+    return build_parser().parse_args(argv)
+
+
 # -- entry point --------------------------------------------------------------
 
 def _on_signal(signum, frame):
@@ -428,7 +447,7 @@ def _run(argv: list[str], as_json: bool, session: _Session) -> _Outcome:
     help_text = io.StringIO()
     try:
         with contextlib.redirect_stdout(help_text):  # --help, --version: printed by _report
-            args = build_parser().parse_args(argv)
+            args = _parse(argv)
         if not args.command:
             raise errors.UsageError("no command given")
         session.record.action = args.command
@@ -440,7 +459,7 @@ def _run(argv: list[str], as_json: bool, session: _Session) -> _Outcome:
             # opened before the target is touched: a bad --log-file is refused up front
             session.trail = audit.AuditLog(args.log_file) if args.log_file else audit.AuditLog.default()
             args.audit_log = session.trail
-        data, text, *code = COMMANDS[args.command](args)
+        data, text, *code = (getattr(args, "handler", None) or COMMANDS[args.command])(args)
         return _Outcome(code[0] if code else 0, json.dumps(data, indent=2) if as_json else text)
     except errors.HotpatchError as e:
         return _Outcome(e.exit_code, error=str(e), details=e.to_dict())

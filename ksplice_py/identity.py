@@ -142,10 +142,20 @@ class TargetHandle:
 _MACHINE_NAMES = {"EM_386": "32-bit x86 (i386)", "EM_AARCH64": "arm64", "EM_ARM": "32-bit arm"}
 
 
+_X86_64_EXES: set[tuple[int, int, int, int]] = set()  # executables already checked (fleet runs)
+
+
 def check_architecture(pid: int) -> None:
     """Refuse a target whose executable is not a 64-bit x86-64 ELF program:
     the loader, trampolines and register handling are x86-64 only."""
     path = f"/proc/{pid}/exe"
+    try:
+        st = os.stat(path)
+        key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    except OSError:
+        key = None
+    if key in _X86_64_EXES:
+        return
     try:
         with open(path, "rb") as f:
             header = ELFFile(f).header
@@ -159,6 +169,8 @@ def check_architecture(pid: int) -> None:
         raise UnsupportedTarget(f"process {pid} does not run an ELF program ({e}); "
                                 "only x86-64 Linux processes can be patched") from None
     if machine == "EM_X86_64" and elfclass == 64:
+        if key is not None:
+            _X86_64_EXES.add(key)
         return
     what = "x32 (32-bit x86-64 ABI)" if machine == "EM_X86_64" else \
         _MACHINE_NAMES.get(str(machine), str(machine))

@@ -73,10 +73,23 @@ def parse_maps(text: str) -> list[Mapping]:
     return out
 
 
+# A cycle reads a target's maps several times, mostly unchanged between two
+# reads: the last text parsed per pid is kept (Mappings are immutable).
+_LAST: dict[int, tuple[str, list[Mapping]]] = {}
+
+
 def read_maps(pid: int) -> list[Mapping]:
     try:
         with open(f"/proc/{pid}/maps") as f:
-            return parse_maps(f.read())
+            text = f.read()
+        last = _LAST.get(pid)
+        if last is not None and last[0] == text:
+            return list(last[1])
+        maps = parse_maps(text)
+        if len(_LAST) > 64:
+            _LAST.clear()
+        _LAST[pid] = (text, maps)
+        return list(maps)
     except FileNotFoundError:
         raise NoSuchProcess(f"no process with pid {pid}") from None
     except ProcessLookupError:

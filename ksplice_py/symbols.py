@@ -136,8 +136,43 @@ def _is_elf(path: str) -> bool:
         return False
 
 
+# Per-build work is done once per file, not once per process (fleet runs read
+# the same libc in a thousand processes): keyed by the file's identity.
+_HEADERS: dict[tuple[int, int, int, int], _Header] = {}
+# (cache dir, build-id) -> symbol data; on only for runs over many processes
+# (keep_parsed()), so a single command reads the on-disk cache as before.
+_DATA: dict[tuple[str, str], _FileData] | None = None
+
+
+def keep_parsed() -> None:
+    """Keep every object's symbol data in memory for the rest of this
+    process (and the workers it forks): fleet runs and the watch service."""
+    global _DATA
+    if _DATA is None:
+        _DATA = {}
+
+
+def _memo_get(build_id: str) -> _FileData | None:
+    data = _DATA.get((str(cache_dir()), build_id)) if _DATA is not None else None
+    if data is not None and data.debug_file != _file_identity(_debug_file(build_id)):
+        return None  # debug package installed, removed or changed since
+    return data
+
+
 def _read_header(path: str) -> _Header:
-    """Program headers and build-id only: cheap, done for every mapped object."""
+    """Program headers and build-id only, once per file identity."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return _parse_header(path)
+    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    hdr = _HEADERS.get(key)
+    if hdr is None:
+        hdr = _HEADERS[key] = _parse_header(path)
+    return hdr
+
+
+def _parse_header(path: str) -> _Header:
     try:
         with open(path, "rb") as f:
             elf = ELFFile(f)
@@ -160,6 +195,15 @@ def _read_header(path: str) -> _Header:
         raise
     except Exception as e:  # pyelftools raises many types on malformed input
         raise _Malformed(f"{type(e).__name__}: {e}") from None
+
+
+def build_id_of(path: str) -> str | None:
+    """The GNU build-id of an ELF file (read once per file identity); None
+    when it has none or is not a readable x86-64 ELF."""
+    try:
+        return _read_header(path).build_id
+    except _Malformed:
+        return None
 
 
 def _version_names(elf: ELFFile) -> dict[int, str | None]:
@@ -555,13 +599,17 @@ class TargetSymbols:
         ``strict``) if the file is not a readable ELF."""
         data = self._data.get(obj.path)
         if data is None:
-            data = _cache_load(obj.build_id) if obj.build_id else None
+            data = _memo_get(obj.build_id) if obj.build_id else None
+            if data is None:
+                data = _cache_load(obj.build_id) if obj.build_id else None
             if data is None:
                 try:
                     data = _parse_file(obj.host_path, obj.build_id)
                     _cache_store(data)
                 except _Malformed as e:
                     data = str(e)
+            if _DATA is not None and isinstance(data, _FileData) and data.build_id:
+                _DATA[(str(cache_dir()), data.build_id)] = data
             self._data[obj.path] = data
         if isinstance(data, str):
             if strict:

@@ -45,9 +45,30 @@ def _where(fn: FunctionCode, addr: int) -> str:
     return f"{fn.name}+{addr - fn.addr:#x}"
 
 
+# The verdict depends only on the function's bytes (branches are relative), so
+# it is computed once per build, not once per process (fleet runs).
+_VERDICTS: dict[tuple[str, int, bytes, int], int | TrampolineError] = {}
+
+
 def _covered_len(fn: FunctionCode, window: int) -> int:
     """Validate `fn` for overwriting its first `window` bytes; return the length
     actually overwritten (the window rounded up to an instruction boundary)."""
+    key = (fn.name, fn.size, bytes(fn.code[:fn.size]), window)
+    verdict = _VERDICTS.get(key)
+    if verdict is None:
+        try:
+            verdict = _check(fn, window)
+        except TrampolineError as e:
+            verdict = e
+        if len(_VERDICTS) < 4096 and fn.size <= 1 << 16:
+            _VERDICTS[key] = verdict
+    if isinstance(verdict, TrampolineError):
+        raise TrampolineError(str(verdict), func=verdict.func, insn_addr=verdict.insn_addr,
+                              text=verdict.text, reason=verdict.reason)
+    return verdict
+
+
+def _check(fn: FunctionCode, window: int) -> int:
     def refuse(reason: str) -> TrampolineError:
         return TrampolineError(f"cannot redirect {fn.name}: {reason}", func=fn.name)
 

@@ -84,6 +84,9 @@ def test_demo_scenario():
         assert c["windows"]["before"]["n"] > 0 and c["windows"]["after"]["n"] > 0, c
     assert sorted((e["patch"], e["state"]) for e in r["editions"]) == [
         ("fix_parse.so", "applied"), ("limit_response.so", "applied")]
+    fl = r["fleet"]  # the fleet step: 3 new instances patched, the live one already was
+    assert (fl["applied"], fl["skipped"], fl["failed"]) == (3, 1, 0), fl
+    assert fl["summary"] == "processes: 3 applied, 1 skipped, 0 failed" and fl["bystanders_untouched"]
     assert r["ok"] and all(r["checks"].values()), r["checks"]
 
 

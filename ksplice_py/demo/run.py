@@ -7,6 +7,9 @@ instance, then fixes the live server under load: it replaces the parser
 (fix_parse.so), wraps glibc's res_nquery (limit_response.so), reverts the
 wrap and applies it again — and reports queries lost (none), latency around
 each cutover, the pause of each cutover, and the server pid (unchanged).
+Last, the fleet step: three more instances start (and two other libc
+processes, which must be left alone), and one `apply --all` narrowed to the
+server's executable puts the resolver wrap into every instance.
 
 Upstream stub and load generator run as separate processes: the GIL of
 this process, busy hot-patching, must not delay answers or skew latency.
@@ -34,7 +37,10 @@ import dns.message
 import dns.query
 import dns.rcode
 
-from .. import errors
+from .. import errors, trust
+from ..discovery import Selector, editions_of
+from ..fleet_results import Action, Outcome
+from ..fleet_runner import fleet
 from ..process import attach
 from . import build as demo_build
 from . import upstream
@@ -340,6 +346,7 @@ class Demo:
         stack.callback(self.load.child.stop)
         self._event(f"load: {self.qps:g} queries/s from 4 sockets, 30% forwarded through res_nquery")
         crafted, oversized = self._patch_story(art)
+        fleet_step = self._fleet_step(stack, art)
 
         self.ui.step("stopping the load and draining")
         self.load.finish()
@@ -355,6 +362,8 @@ class Demo:
             "unpatched_instance_crashed": crash["crashed"],
             "crafted_packet_formerr_after_fix": crafted["rcode"] == "FORMERR" and crafted["server_alive"],
             "oversized_answers_as_expected": all(o["ok"] for o in oversized),
+            "fleet_every_server_carries_the_wrap": fleet_step["ok"],
+            "fleet_other_processes_left_alone": fleet_step["bystanders_untouched"],
         }
         self.report = {
             "window_s": self.window,
@@ -364,6 +373,7 @@ class Demo:
             "crash_demo": crash,
             "crafted_after_fix": crafted,
             "oversized": oversized,
+            "fleet": fleet_step,
             "cutovers": [_cutover_dict(c) for c in self.cutovers],
             "phases": [{"name": p.name, "seconds": round(p.t_end - p.t_start, 2), **p.stats}
                        for p in self.phases],
@@ -412,6 +422,43 @@ class Demo:
         oversized.append(self._oversized("wrap re-applied", "SERVFAIL"))
         self._phase("wrap re-applied")
         return crafted, oversized
+
+    def _fleet_step(self, stack: ExitStack, art: demo_build.Artifacts) -> dict:
+        """Every instance at once (issue #11): more servers start, and other
+        libc users that must be left alone; one `--all` run, narrowed to the
+        server's executable, applies the resolver wrap to every server, the
+        live one still under load (it already carries it: skipped)."""
+        self.ui.step("fleet: 3 more server instances, 2 other libc processes; one --all run")
+        servers = [self.server]
+        for i in range(3):
+            c = start_server(art, self.upstream.port, 2, 0, None, name=f"server-{i + 2}", started=self.started)
+            stack.callback(c.stop)
+            servers.append(c)
+        bystanders = []
+        for i in range(2):
+            c = Child(f"sleep-{i}", subprocess.Popen(["sleep", "600"], stdin=subprocess.DEVNULL,
+                                                     preexec_fn=_child_setup))
+            self.started.append(c)
+            stack.callback(c.stop)
+            bystanders.append(c)
+        patch = trust.load_patch(str(art.patches["limit_response"]))
+        t0 = time.monotonic()
+        result = fleet(Action.APPLY, patch, selector=Selector(exes=(str(Path(art.server).resolve()),)),
+                       timeout=10.0)
+        seconds = time.monotonic() - t0
+        for r in sorted(result.processes, key=lambda r: r.pid):
+            self._event(f"pid {r.pid} ({r.name}): {r.result.value}"
+                        + (f" edition {r.edition}" if r.edition else "") + (f": {r.reason}" if r.reason else ""),
+                        r.result is not Outcome.FAILED)
+        carried = {c.pid: any(e.sha256 == patch.sha256 and e.state == "applied" for e in editions_of(c.pid))
+                   for c in servers}
+        untouched = all(not editions_of(c.pid) for c in bystanders)
+        self._event(f"apply --all limit_response.so --exe {Path(art.server).name}: {result.summary()} "
+                    f"in {seconds:.2f} s; {len(bystanders)} other libc processes left alone",
+                    all(carried.values()) and untouched)
+        return {"summary": result.summary(), "applied": result.applied, "skipped": result.skipped,
+                "failed": result.failed, "seconds": round(seconds, 3), "servers": len(servers),
+                "bystanders_untouched": untouched, "ok": all(carried.values()) and result.failed == 0}
 
     def _analyse(self, load: dict) -> None:
         t, lat, status, lag = load["t_send"], load["latency"], load["status"], load["lag"]
@@ -549,6 +596,9 @@ def print_report(r: dict) -> None:
     con.print(f"Live server + crafted packet after fix_parse: {r['crafted_after_fix']['rcode']}")
     for o in r["oversized"]:
         con.print(f"Oversized upstream answer, {o['stage']}: {o['rcode']} ({o['bytes']} bytes)")
+    f = r["fleet"]
+    con.print(f"Fleet: {f['servers']} server instances, one apply --all: {f['summary']} in {f['seconds']:.2f} s; "
+              f"other libc processes {'left alone' if f['bystanders_untouched'] else 'TOUCHED'}")
     s = r["server"]
     con.print(f"Server pid {s['pid']} {'unchanged' if s['pid_unchanged'] else 'CHANGED'} throughout; "
               f"editions now: " + ", ".join(f"{e['id']} {e['patch']} ({e['state']})" for e in r["editions"]))

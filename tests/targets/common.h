@@ -135,7 +135,9 @@ static void hp_sleep_ns(int64_t ns)
 typedef int64_t (*hp_work_fn)(void);
 
 #define HP_BATCH 32          /* calls per batch */
+#ifndef HP_PAUSE_NS
 #define HP_PAUSE_NS 200000LL /* sleep between batches: keeps 2 cores usable */
+#endif
 
 struct hp_worker_arg {
     int index;
