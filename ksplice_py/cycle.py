@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 from . import editions as ed
 from . import harness, interrupts, loader, placement, trampoline, x86writer
-from .constants import (EEXIST, MAP_FIXED_NOREPLACE, MAP_PRIVATE, MFD_CLOEXEC, PROT_EXEC, PROT_READ,
+from .constants import (EEXIST, MAP_FIXED_NOREPLACE, MAP_PRIVATE, MFD_CLOEXEC, PAGE_SIZE, PROT_EXEC, PROT_READ,
                         page_up, syscall_failed)
 from . import operations
 from .errors import (BuildIdMismatch, HotpatchError, PatchMismatch, RemoteError, TargetGone,
@@ -114,6 +114,7 @@ class PatchCycle:
         self.record_size = 0
         self.image_base = 0
         self._maps: list[Mapping] = []
+        self._bound: dict[tuple, int | None] = {}
         self._mapped = False
 
     # -- prepare --------------------------------------------------------------
@@ -143,6 +144,7 @@ class PatchCycle:
         chosen = self.harness_choice.select(
             {sw.sym.object: syms.build_id(sw.sym.object) for sw in self.switches})
         self._plan_regions()
+        self._check_fits()  # the last step before the first write
         self._map_regions()
         self.edition = ed.Edition(  # the absolute path: how every audit record names it
             id=self.edition_id, patch=os.path.abspath(self.patch.name), sha256=self.patch.sha256,
@@ -189,11 +191,35 @@ class PatchCycle:
         # two slots a function: a far jump and a call-original stub
         return page_up(2 * STUB_SLOT * max(1, nfuncs))
 
+    def _check_fits(self) -> None:
+        """Decide everything the patch and the target's symbols and maps can
+        decide, before anything is written (or even attached): every region
+        has room within reach, every import binds, every wrap's prologue
+        relocates, every trampoline plans. A patch that does not fit is
+        refused with the target never touched. The dry run is link's and
+        finalize's own planning code, at the addresses mmap is asked for."""
+        for region in self.regions:
+            found = placement.candidates(self._maps, region.anchors, region.size)
+            if not found and self.switches:
+                raise TrampolineError(
+                    f"no free address range within 2 GiB of {region.anchors[0]:#x} in process "
+                    f"{self.pid} for the patch's code")
+            region.start = found[0] if found else PAGE_SIZE << 8
+        self._layout()
+        self._build()
+        for sw in self.switches:
+            trampoline.plan_redirect(sw.code, sw.new_addr, near_stub=sw.far_stub)
+        for region in self.regions:
+            region.start = 0
+
     def _map_regions(self) -> None:
         with self.target.injector() as inj:
             for region in self.regions:
                 region.start = self._map_one(inj, region)
                 self._mapped = True
+        self._layout()
+
+    def _layout(self) -> None:
         main = self.regions[0]
         self.image_base = main.start + self.record_size - self.patch.span[0]
         main.stub_cursor = main.start + main.size - self._stub_area(len(self.switches))
@@ -227,9 +253,17 @@ class PatchCycle:
         """Link the image, build stubs, fill pointers; write it all. Nothing
         in the target can reach any of it yet."""
         self.target.verify("loading the patch")
+        for addr, data in self._build():
+            self.mem.write(addr, data)
+        self._protect()
+
+    def _build(self) -> list[tuple[int, bytes]]:
+        """Link the image and plan the stubs and pointers for the regions'
+        addresses: every byte link writes, computed without writing."""
         self.image = loader.link(self.patch, self.image_base, self._bind, self.bind_targets)
         pointer_writes: list[tuple[int, bytes]] = []
         for sw in self.switches:
+            sw.far_stub = sw.stub_addr = None  # the dry run's, if any
             sw.new_addr = self.image.addr(sw.rep.func)
             region = self._near_region(sw.sym.addr)
             if not x86writer.fits_rel32(sw.sym.addr + x86writer.JMP_REL32_LEN, sw.new_addr):
@@ -245,12 +279,13 @@ class PatchCycle:
                 pointer_writes.append((self.image.addr(sw.rep.orig_ptr), struct.pack("<Q", sw.stub_addr)))
         for ptr, sym in self.symbol_refs:
             pointer_writes.append((self.image.addr(ptr), struct.pack("<Q", sym.addr)))
-        for addr, data in (*self.image.writes, *pointer_writes):
-            self.mem.write(addr, data)
-        self._protect()
+        return [*self.image.writes, *pointer_writes]
 
     def _bind(self, imp: Import) -> int | None:
-        return self.target.symbols.bind_import(imp.name, imp.version, imp.weak)
+        key = (imp.name, imp.version, imp.weak)
+        if key not in self._bound:  # once: the dry run's bindings serve link
+            self._bound[key] = self.target.symbols.bind_import(imp.name, imp.version, imp.weak)
+        return self._bound[key]
 
     def _near_region(self, addr: int) -> Region:
         for r in self.regions:

@@ -69,11 +69,9 @@ def cleanup(target: Target, edition: ed.Edition) -> None:
 
 
 def unmap_regions(target: Target, regions: list[tuple[int, int]]) -> None:
-    """Remove an edition's memory (and with it, its record). The injector
-    page stays: creating and removing it are the only moments a killed tool
-    could hurt the target, so that happens once per process lifetime, not
-    once per cycle (the crash-safety loop found SIGSEGVs when it went with
-    the last edition)."""
+    """Remove an edition's memory (and with it, its record): with the last
+    edition gone, nothing of ours is left in the target (tracer.Injector
+    keeps no page of its own)."""
     with target.injector() as inj:
         for start, size in regions:
             if start:

@@ -23,6 +23,7 @@ import pickle
 import struct
 import tempfile
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import NamedTuple
 
@@ -360,33 +361,67 @@ def cache_path(build_id: str) -> Path:
 
 
 def _cache_load(build_id: str) -> _FileData | None:
-    path = cache_path(build_id)
+    data = _load_owned(cache_path(build_id))
+    if not isinstance(data, _FileData) or data.build_id != build_id:
+        return None
+    try:
+        if data.debug_file != _file_identity(_debug_file(build_id)):
+            return None  # debug package installed, removed or changed since
+    except OSError:
+        return None
+    return data
+
+
+def _cache_store(data: _FileData) -> None:
+    if data.build_id:
+        _store_owned(cache_path(data.build_id), data)
+
+
+# Program headers and build-id of every file we met, by file identity: reading
+# them with pyelftools is most of a warm apply's symbol time (its dynamic
+# segment walks the section headers), and a file whose identity (device,
+# inode, size, mtime, ctime) is unchanged has the same headers.
+_HEADERS_MAX = 512
+
+
+@lru_cache(maxsize=1)
+def _headers_table() -> dict:
+    table = _load_owned(cache_dir() / f"headers.{FORMAT_VERSION}.pickle")
+    return table if isinstance(table, dict) else {}
+
+
+def _header(path: str) -> _Header:
+    st = os.stat(path)
+    key = (path, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    table = _headers_table()
+    hdr = table.get(key)
+    if not isinstance(hdr, _Header):
+        hdr = table[key] = _read_header(path)
+        while len(table) > _HEADERS_MAX:
+            table.pop(next(iter(table)))
+        _store_owned(cache_dir() / f"headers.{FORMAT_VERSION}.pickle", table)
+    return hdr
+
+
+def _load_owned(path: Path):
+    """Unpickle a cache file only if we wrote it (we often run as root)."""
     try:
         st = path.stat()
-        # We often run as root: never unpickle a file someone else could have written.
         if st.st_uid != os.geteuid() or st.st_mode & 0o022:
             return None
         with open(path, "rb") as f:
-            data = pickle.load(f)
-        if not isinstance(data, _FileData) or data.build_id != build_id:
-            return None
-        if data.debug_file != _file_identity(_debug_file(build_id)):
-            return None  # debug package installed, removed or changed since
-        return data
+            return pickle.load(f)
     except Exception:  # missing or corrupt: rebuild
         return None
 
 
-def _cache_store(data: _FileData) -> None:
-    if not data.build_id:
-        return
-    path = cache_path(data.build_id)
+def _store_owned(path: Path, obj) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".pickle")
         try:
             with os.fdopen(fd, "wb") as f:
-                pickle.dump(data, f, protocol=pickle.HIGHEST_PROTOCOL)
+                pickle.dump(obj, f, protocol=pickle.HIGHEST_PROTOCOL)
             os.replace(tmp, path)  # atomic: readers see the old file or the new one
         except BaseException:
             os.unlink(tmp)
@@ -468,7 +503,7 @@ class TargetSymbols:
         if not _is_elf(path):
             return None  # locale-archive, caches, data files
         try:
-            hdr = _read_header(path)
+            hdr = _header(path)
         except _Malformed as e:
             self.skipped.append((mf.path, str(e)))
             return None

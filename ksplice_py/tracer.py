@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import errno
 import os
+from dataclasses import dataclass
 
 from . import native
-from .constants import (ERESTART_RESTARTBLOCK, ERESTARTNOHAND, ERESTARTNOINTR, ERESTARTSYS, MAP_ANONYMOUS,
-                        MAP_PRIVATE, MFD_CLOEXEC, PAGE_SIZE, PROT_EXEC, PROT_READ, PROT_WRITE, SYSCALLS,
-                        syscall_failed)
+from .constants import SYSCALLS, syscall_failed
 from .errors import AccessDenied, NoSuchProcess, RemoteError, TargetGone
+from . import stub
 from .identity import status_field
-from .maps import Mapping
+from .maps import Mapping, read_maps
 
 MAX_THREADS = 1 << 20
 
@@ -155,17 +155,30 @@ class World:
     def alive(self) -> int:
         return sum(1 for t in self.threads() if t.state != self.lib.KP_GONE)
 
-    def scan(self, ranges: list[tuple[int, int]], maps: list[Mapping], max_scan: int = 8 << 20) -> int:
-        """Conservative scan (C); per-thread verdicts land in ``unsafe``."""
-        ranges = _merge(ranges)
-        stacks = _merge([(m.start, m.end) for m in maps if m.writable])
-        ffi = self.ffi
-        lo = ffi.new("unsigned long[]", [r[0] for r in ranges] or [0])
-        hi = ffi.new("unsigned long[]", [r[1] for r in ranges] or [0])
-        slo = ffi.new("unsigned long[]", [s[0] for s in stacks] or [0])
-        shi = ffi.new("unsigned long[]", [s[1] for s in stacks] or [0])
-        return self.lib.kp_scan(self.pid, self._arr, self._n[0], lo, hi, len(ranges),
-                                slo, shi, len(stacks), max_scan)
+    def run(self, window: "Window", between=None) -> bool:
+        """The stopped window, in C (kp_window): stop -> scan -> write ->
+        release. ``between(stopped_threads) -> bool`` (a harness's Python
+        check) runs between scan and write, and only then does Python run
+        while the threads are stopped. Returns whether the writes were made;
+        every thread is released either way, its verdict kept for reading."""
+        if self._cap - self._n[0] < 1024:  # room for threads born during the stop
+            self._grow(self._n[0] + 1024)
+        c = window.c
+        if between is None:
+            done = self.lib.kp_window(self._arr, self._n, self._cap, c)
+        else:
+            go = False  # a check that raises writes nothing
+            try:
+                if self.lib.kp_window_open(self._arr, self._n, self._cap, c):
+                    go = bool(between([t for t in self.threads() if t.state == self.lib.KP_STOPPED]))
+            finally:
+                done = self.lib.kp_window_close(self._arr, self._n, self._cap, c, int(go))
+        self.count, self._n[0] = self._n[0], 0  # released; verdicts stay readable
+        return bool(done)
+
+    def verdicts(self) -> list:
+        """Threads of the last ``run`` (released since), as C structs."""
+        return [self._arr[i] for i in range(self.count)]
 
     def release(self) -> None:
         """Detach every stopped thread (re-delivering caught signals).
@@ -182,16 +195,113 @@ class World:
 
 
 def release_threads(lib, pid: int, arr, n, cap: int) -> None:
-    """Detach every thread of a C array; one still running (never stopped,
-    or seized and never interrupted) is stopped briefly first, so none is
-    left in a ptrace-stop behind us."""
-    if not n[0]:
-        return
-    lib.kp_release_all(pid, arr, n[0])
-    if any(arr[i].state == lib.KP_RUNNING for i in range(n[0])):
-        lib.kp_stop_all(arr, n, cap, 200_000)
-        lib.kp_release_all(pid, arr, n[0])
-    n[0] = 0
+    """Detach every thread of a C array (kp_release_world)."""
+    lib.kp_release_world(pid, arr, n, cap)
+
+
+@dataclass(frozen=True)
+class Known:
+    """A thread precise unwinding cleared, as it was: raw registers and the
+    stack bytes from rsp that the walk read (see struct kp_known)."""
+
+    tid: int
+    regs: bytes
+    stack: bytes
+
+
+@dataclass(frozen=True)
+class StackCopy:
+    """A flagged thread's registers and stack, copied inside the window."""
+
+    tid: int
+    regs: dict[str, int]
+    raw_regs: bytes
+    stack: bytes
+    whole: bool  # reaches the top of its stack mapping (else cut by the arena's room)
+
+
+class Window:
+    """The stopped window's inputs as C structures, built before any thread
+    stops (the window itself runs no Python)."""
+
+    ARENA = 1 << 20  # stack copies of flagged threads, for unwinding after release
+
+    def __init__(self, pid: int, memfd: int, ranges: list[tuple[int, int]],
+                 writes: list[tuple[int, bytes, bytes]], write: bool, stop_timeout_s: float) -> None:
+        self.ffi, self.lib = native.load()
+        ffi = self.ffi
+        self.c = c = ffi.new("struct kp_window *")
+        self._keep: list = []
+        c.pid, c.memfd, c.write, c.realtime = pid, memfd, int(write), 1
+        c.stop_timeout_us, c.max_scan = int(stop_timeout_s * 1e6), 8 << 20
+        ranges = _merge(ranges)
+        c.lo, c.hi = self._ulongs([r[0] for r in ranges]), self._ulongs([r[1] for r in ranges])
+        c.nranges = len(ranges)
+        c.nwrites = len(writes)
+        c.waddr = self._ulongs([a for a, _, _ in writes])
+        c.wlen = self._ulongs([len(b) for _, b, _ in writes])
+        c.wbuf = self._bufs([b for _, b, _ in writes])
+        c.ubuf = self._bufs([u for _, _, u in writes])
+        self.arena = ffi.new("unsigned char[]", self.ARENA)
+        c.arena, c.arena_cap = self.arena, self.ARENA
+        self.set_known([])
+
+    def _ulongs(self, values: list[int]):
+        arr = self.ffi.new("unsigned long[]", values or [0])
+        self._keep.append(arr)
+        return arr
+
+    def _bufs(self, blobs: list[bytes]):
+        bufs = [self.ffi.from_buffer(b) for b in blobs]
+        arr = self.ffi.new("unsigned char *[]", bufs or [self.ffi.NULL])
+        self._keep += [blobs, bufs, arr]
+        return arr
+
+    def set_stacks(self, maps: list[Mapping]) -> None:
+        """Writable mappings, where each thread's stack top is found."""
+        stacks = stack_spans(maps)
+        self._stacks = tuple(self.ffi.new("unsigned long[]", [s[i] for s in stacks] or [0]) for i in (0, 1))
+        self.c.stack_lo, self.c.stack_hi = self._stacks
+        self.c.nstacks = len(stacks)
+
+    def set_known(self, known: list[Known]) -> None:
+        ffi = self.ffi
+        arr = ffi.new("struct kp_known[]", max(1, len(known)))
+        bufs = [ffi.from_buffer(k.stack) for k in known]
+        for i, (k, buf) in enumerate(zip(known, bufs)):
+            arr[i].tid, arr[i].len, arr[i].stack = k.tid, len(k.stack), buf
+            ffi.memmove(ffi.addressof(arr[i], "regs"), k.regs, len(k.regs))
+        self._known = (arr, bufs, known)  # alive as long as C may read them
+        self.c.known, self.c.nknown = arr, len(known)
+
+    def stack_copies(self, threads) -> list[StackCopy]:
+        """The flagged threads' stacks the window copied (after release)."""
+        ffi, out = self.ffi, []
+        for t in threads:
+            if t.unsafe and t.snap_len:
+                raw = bytes(ffi.buffer(ffi.addressof(t, "regs"), ffi.sizeof("struct kp_regs")))
+                regs = {k: getattr(t.regs, k) for k, _ in ffi.typeof("struct kp_regs").fields}
+                stack = bytes(ffi.buffer(self.arena + t.snap_off, t.snap_len))
+                out.append(StackCopy(t.tid, regs, raw, stack, bool(t.snap_whole)))
+        return out
+
+
+def stack_spans(maps: list[Mapping]) -> list[tuple[int, int]]:
+    """Writable mappings as [lo, hi) spans for finding a thread's stack top.
+    Adjacent anonymous private ones are joined (a stack split by mprotect
+    must be scanned whole); a file or shared mapping is never part of a
+    thread's stack, so scanning stops at it (the status file next to a
+    thread stack once made one thread's scan 33 times longer)."""
+    spans: list[list[int]] = []
+    joinable = False
+    for m in sorted((m for m in maps if m.writable), key=lambda m: m.start):
+        anon = m.perms[3] == "p" and m.path in ("", "[stack]")
+        if spans and joinable and anon and m.start == spans[-1][1]:
+            spans[-1][1] = m.end
+        else:
+            spans.append([m.start, m.end])
+        joinable = anon
+    return [(a, b) for a, b in spans]
 
 
 def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -206,40 +316,6 @@ def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
 
 # -- syscall injection ------------------------------------------------------
 
-INJECTOR_NAME = "ksplice_py:injector"
-_ERESTART = (-ERESTARTSYS, -ERESTARTNOINTR, -ERESTARTNOHAND)
-# Save area order (page 2 of the injector): what the stub pops, then rsp, rip.
-_SAVED = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp",
-          "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15", "eflags")
-
-
-def entry_stub() -> bytes:
-    """``syscall``, then put every register back from the save area on the
-    next page and jump to the saved rip: a thread whose tracer dies in the
-    middle of an injected syscall resumes exactly where it was, by itself."""
-    code = bytearray(b"\x0f\x05")                              # syscall
-    code += b"\x48\x8d\x25" + (PAGE_SIZE - (len(code) + 7)).to_bytes(4, "little")  # lea rsp,[save area]
-    code += b"\x58\x5b\x59\x5a\x5e\x5f\x5d"                   # pop rax rbx rcx rdx rsi rdi rbp
-    code += b"".join(bytes([0x41, 0x58 + i]) for i in range(8))  # pop r8 .. r15
-    code += b"\x9d"                                             # popfq
-    rsp_slot, rip_slot = PAGE_SIZE + 8 * len(_SAVED), PAGE_SIZE + 8 * (len(_SAVED) + 1)
-    code += b"\x48\x8b\x25" + (rsp_slot - (len(code) + 7)).to_bytes(4, "little")  # mov rsp,[saved rsp]
-    code += b"\xff\x25" + (rip_slot - (len(code) + 6)).to_bytes(4, "little")       # jmp [saved rip]
-    return bytes(code)
-
-
-def continuation(regs) -> bytes:
-    """The save area: the registers the thread must resume with if it has to
-    restore itself, with the kernel's syscall-restart rule already applied
-    (an interrupted read/futex restarts; nanosleep via restart_syscall)."""
-    r = {k: getattr(regs, k) for k in (*_SAVED, "rsp", "rip", "orig_rax")}
-    rax = r["rax"] - (1 << 64) if r["rax"] >= 1 << 63 else r["rax"]
-    if r["orig_rax"] < 1 << 63 and rax in _ERESTART:
-        r["rax"], r["rip"] = r["orig_rax"], r["rip"] - 2
-    elif r["orig_rax"] < 1 << 63 and rax == -ERESTART_RESTARTBLOCK:
-        r["rax"], r["rip"] = SYSCALLS["restart_syscall"], r["rip"] - 2
-    r["eflags"] &= ~0x10100  # never resume with TF/RF set
-    return b"".join(r[k].to_bytes(8, "little") for k in (*_SAVED, "rsp", "rip"))
 
 
 class Injector:
@@ -247,9 +323,11 @@ class Injector:
 
     Only that thread pauses (a few µs per syscall); the others keep running.
     Raw syscalls are safe at any instruction: unlike calling dlopen or malloc
-    in the target they take no user-space lock. They run from the entry stub
-    of a small ``ksplice_py:injector`` mapping (created once per process and
-    kept), so the thread is whole again at any instant the tool might die."""
+    in the target they take no user-space lock. They run from a
+    self-restoring stub written into code padding, with its save area on the
+    thread's own stack (stub.py), so the thread is whole again at any
+    instant the tool might die, and both areas are put back on exit: the
+    target keeps no page, descriptor or byte of ours."""
 
     def __init__(self, pid: int, mem, tid: int | None = None) -> None:
         self.pid, self.mem = pid, mem
@@ -258,20 +336,28 @@ class Injector:
         self._t = self.ffi.new("struct kp_thread[]", 8)
         self._n = self.ffi.new("int *", 0)
         self.entry = 0
+        self.block: stub.StackBlock | None = None
+        self._restore: list[tuple[int, bytes]] = []  # (addr, original bytes), put back on exit
+        self._stale = False  # the padding held a stub a killed tool left
 
     def __enter__(self) -> "Injector":
-        self._borrow()
+        maps = read_maps(self.pid)
+        _refuse_shadow_stack(self.pid)
+        code = stub.code()
+        pad = stub.find_padding(self.pid, maps, len(code), self.mem.read)  # before anything stops
+        self._borrow(maps)
         try:
-            self.entry = self._find_injector() or self._create_injector()
-            self._arm(self.entry)
+            self._place(pad, code)
         except BaseException:
+            self._put_back()
             self._release()
             raise
         return self
 
-    def _borrow(self) -> None:
+    def _borrow(self, maps: list[Mapping]) -> None:
         live = list_tids(self.pid)  # zombies (an exited leader) excluded
         tids = ([self.tid] if self.tid in live else []) + [t for t in live if t != self.tid]
+        no_room = 0
         for tid in tids[:4]:  # a thread may be stuck (D state); try a few
             # No PTRACE_O_TRACECLONE: this thread must never stop inside a
             # clone() (see kp_inject_syscall), and its children are not ours.
@@ -283,53 +369,35 @@ class Injector:
             self._t[0].tid, self._t[0].state, self._n[0] = tid, self.lib.KP_RUNNING, 1
             if self.lib.kp_stop_all(self._t, self._n, 8, 500_000) == 0 and \
                     self._t[0].state == self.lib.KP_STOPPED:
-                self.tid = tid
-                return
+                block = stub.StackBlock(self._t[0].regs.rsp)
+                if block.fits(maps):
+                    self.tid, self.block = tid, block
+                    return
+                no_room += 1
             self._release()
+        if no_room:
+            raise RemoteError(f"no stopped thread of process {self.pid} has {stub.RET_SKIP + 8 * len(stub.SLOTS) + stub.SCRATCH} "
+                              "bytes of mapped stack below its red zone for the syscall stub")
         raise TargetGone(f"no thread of process {self.pid} could be stopped to run a syscall")
 
-    def _arm(self, entry: int) -> None:
-        self.mem.write(entry + PAGE_SIZE, continuation(self._t[0].regs))
-
-    def _find_injector(self) -> int:
-        from .maps import read_maps
-        for m in read_maps(self.pid):
-            if m.path.startswith(f"/memfd:{INJECTOR_NAME}") and m.executable and m.offset == 0:
-                return m.start
-        return 0
-
-    def _create_injector(self) -> int:
-        """First injection into this process. One bare syscall from a libc
-        ``syscall`` instruction maps a scratch page (the only moment, once
-        per process, where our death would leave the thread with our
-        registers); everything else already runs from a self-restoring stub."""
-        from .maps import read_maps
-        self.entry = find_syscall_gadget(self.pid, read_maps(self.pid), self.mem.read)
-        scratch = self.checked("mmap", 0, 2 * PAGE_SIZE, PROT_READ | PROT_WRITE | PROT_EXEC,
-                               MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
-        stub = entry_stub()
-        self.mem.write(scratch, stub)
-        self._arm(scratch)
-        self.entry = scratch
-        name_addr = scratch + PAGE_SIZE + 512  # past the save area
-        self.mem.write(name_addr, INJECTOR_NAME.encode() + b"\0")
-        fd = self.checked("memfd_create", name_addr, MFD_CLOEXEC)
-        try:
-            self.checked("ftruncate", fd, 2 * PAGE_SIZE)
-            page = self.checked("mmap", 0, 2 * PAGE_SIZE, PROT_READ | PROT_EXEC, MAP_PRIVATE, fd, 0)
-        finally:
-            self("close", fd)
-        self.checked("mprotect", page + PAGE_SIZE, PAGE_SIZE, PROT_READ | PROT_WRITE)  # the save area
-        self.mem.write(page, stub)
-        self._arm(page)
-        self.entry = page
-        self.checked("munmap", scratch, 2 * PAGE_SIZE)
-        return page
+    def _place(self, pad: stub.Padding, code: bytes) -> None:
+        """Save what we overwrite, then write the stub and the save area."""
+        block = self.block
+        self._restore.append((block.lo, self.mem.read(block.lo, block.hi - block.lo)))
+        here = self.mem.read(pad.addr, len(code))
+        if here == code and pad.file_bytes(len(code)) != code:
+            self._stale = True  # left by a killed tool; a thread may still be in it
+        else:
+            self._restore.append((pad.addr, here))
+            self.mem.write(pad.addr, code)
+        self.pad = pad
+        self.mem.write(block.save, stub.save_area(self._t[0].regs))
+        self.entry = pad.addr
 
     def __call__(self, name: str, *args: int) -> int:
         a = [int(x) for x in args] + [0] * (6 - len(args))
         ret = self.ffi.new("long *")
-        rc = self.lib.kp_inject_syscall(self._t, self.entry, SYSCALLS[name], *a, ret)
+        rc = self.lib.kp_inject_syscall(self._t, self.entry, self.block.save, SYSCALLS[name], *a, ret)
         if rc == -errno.ESRCH:
             raise TargetGone(f"process {self.pid} exited")
         if rc != 0:
@@ -344,29 +412,56 @@ class Injector:
 
     @property
     def scratch(self) -> int:
-        """Bytes of the injector's data page free for syscall arguments."""
-        return self.entry + PAGE_SIZE + 512
+        """Bytes on the borrowed stack free for syscall arguments (stub.SCRATCH)."""
+        return self.block.scratch
+
+    def _put_back(self) -> None:
+        """The thread is stopped with its own registers: nothing runs our
+        bytes now, so the originals go back (the stack block first: the
+        padding is what a killed tool's thread could still need)."""
+        while self._restore:
+            addr, data = self._restore.pop(0)
+            try:
+                self.mem.write(addr, data)
+            except TargetGone:
+                return
 
     def _release(self) -> None:
         release_threads(self.lib, self.pid, self._t, self._n, 8)
 
     def __exit__(self, *exc: object) -> None:
-        self._release()
+        try:
+            self._put_back()
+        finally:
+            self._release()
+        if self._stale:
+            clear_stale_stub(self.pid, self.mem, self.pad)
 
 
-def find_syscall_gadget(pid: int, maps: list[Mapping], read) -> int:
-    """Address of a ``syscall`` instruction (0f 05) in the target's code;
-    any such byte pair executes as syscall when jumped to directly."""
-    def rank(m: Mapping) -> int:
-        return 0 if "libc" in m.path else 1 if m.path == "[vdso]" else 2
-    for m in sorted((m for m in maps if m.executable and m.readable), key=rank):
-        size = min(m.end - m.start, 1 << 20)
-        for off in range(0, size, 65536):
-            try:
-                chunk = read(m.start + off, min(65536 + 1, size - off))
-            except Exception:
-                break
-            i = chunk.find(b"\x0f\x05")
-            if i >= 0:
-                return m.start + off + i
-    raise RemoteError(f"no syscall instruction found in process {pid}'s code")
+def clear_stale_stub(pid: int, mem, pad: stub.Padding) -> bool:
+    """Put the file's bytes back over a stub a killed tool left, unless a
+    thread is still inside it (then it stays until the next command)."""
+    code = stub.code()
+    original = pad.file_bytes(len(code))
+    if original is None:
+        return False
+    with World(pid).seize() as world:
+        if world.stop(0.2):
+            return False
+        if any(pad.addr <= t.regs.rip < pad.addr + len(code)
+               for t in world.threads() if t.state == world.lib.KP_STOPPED):
+            return False
+        mem.write(pad.addr, original)
+    return True
+
+
+def _refuse_shadow_stack(pid: int) -> None:
+    """The stub returns with `ret`: a thread with a user shadow stack would
+    fault on it. (No x86-64 distribution enables one by default yet.)"""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            features = [ln for ln in f if ln.startswith("x86_Thread_features:")]
+    except OSError:
+        return
+    if features and "shstk" in features[0].split():
+        raise RemoteError(f"process {pid} uses a shadow stack (CET); syscall injection is not supported there")

@@ -12,21 +12,18 @@ states it moves the edition through.
 """
 from __future__ import annotations
 
-import os
 import random
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from . import editions as ed
 from . import harness, interrupts, quiescence
-from .errors import HotpatchError, NotQuiescent, PatchMismatch, RemoteError
+from .errors import HotpatchError, NotQuiescent, PatchMismatch, RemoteError, TargetGone
 from .lifecycle import Direction
 from .maps import read_maps
 from .quiescence import Blocker, CodeRange, Verdict
 from .target import Target
-from .tracer import World
-from .unwind import Unwinder
+from .tracer import Known, StackCopy, Window, World
 
 REG_NAMES = ("rip", "rsp", "rbp", "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "r8", "r9", "r10",
              "r11", "r12", "r13", "r14", "r15", "orig_rax", "fs_base")
@@ -38,24 +35,8 @@ class AttemptResult:
     done: bool
     pause_us: float = 0.0
     blockers: list[Blocker] = field(default_factory=list)
-
-
-@contextmanager
-def realtime():
-    """Run SCHED_FIFO from the moment the world is stopped until it is
-    released: otherwise threads we already released take our CPU and the
-    rest of the world waits (2 cores: releasing 5 busy threads 3.5 ms ->
-    30 µs)."""
-    try:
-        old = os.sched_getscheduler(0), os.sched_getparam(0)
-        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))
-    except OSError:  # not permitted: carry on at normal priority
-        old = None
-    try:
-        yield
-    finally:
-        if old is not None:
-            os.sched_setscheduler(0, old[0], old[1])
+    verdicts: list[tuple[int, int, int]] = field(default_factory=list)  # (tid, verdict, address)
+    late: bool = False  # a thread did not stop, or a harness vetoed
 
 
 def sleep_backoff(attempt: int, remaining: float) -> None:
@@ -86,7 +67,16 @@ class Transition:
             self._busy_ranges(others), harness.critical_ranges(self.harnesses, target.symbols))
         self.checks = [h for h in self.harnesses if h.check]
         self.writes = self._writes()
-        self.unwinder: Unwinder | None = None  # built after a first blocked attempt
+        # What is there now, to put back if a write fails half-way (in C).
+        undo = [self.mem.read(addr, len(data)) for addr, data in self.writes]
+        self._window_args = ([(r.start, r.end) for r in self.ranges],
+                             [(a, d, u) for (a, d), u in zip(self.writes, undo)])
+        self._window: Window | None = None
+        self.unwinder = None  # an unwind.Unwinder, built after a first blocked attempt
+        self._known: dict[int, Known] = {}  # threads precise unwinding cleared, as they were
+        self._copies: list[StackCopy] = []  # flagged stacks of the last attempt
+        self._vetoes: list[tuple[int, str]] = []
+        self.last_split: dict[str, float] = {}
         self._backtraces: dict[int, list[int]] = {}
 
     # -- init: everything computed before any thread stops ------------------------
@@ -141,6 +131,7 @@ class Transition:
     def start(self, timeout: float) -> AttemptResult:
         """Retry with back-off until a safe moment or ``timeout`` seconds."""
         deadline = time.monotonic() + timeout
+        quick_retry = False
         for h in self.harnesses:
             if h.before_cutover:
                 h.before_cutover(self.target, self.edition)
@@ -162,6 +153,10 @@ class Transition:
                 # one more attempt, with precise unwinding, even when time is up
                 self.load_unwinder()
                 remaining = max(remaining, 0.001)
+            if self._worth_retrying_now(result) and not quick_retry and remaining > 0:
+                quick_retry = True  # once in a row: never a busy loop of stops
+                continue
+            quick_retry = False
             if remaining <= 0:
                 within = f"within {timeout:g}s" if timeout else "at once (--timeout 0: one try)"
                 raise NotQuiescent(
@@ -172,11 +167,15 @@ class Transition:
             sleep_backoff(self.attempts, remaining)
 
     def load_unwinder(self) -> None:
-        """Ready the DWARF unwinder (outside the window) once an attempt was
-        blocked: it dismisses conservative false positives and explains who
-        blocks. Not built up front: most cutovers never need it."""
-        self.unwinder = Unwinder(self.pid, self.mem, read_maps(self.pid))
-        self.unwinder.preload()
+        """Ready the DWARF unwinder once an attempt was blocked, and unwind
+        the stacks that attempt copied: it dismisses conservative false
+        positives and explains who blocks. Not built up front: most
+        cutovers never need it."""
+        if self.unwinder is None:
+            from .unwind import Unwinder  # pyelftools' DWARF parser: only when needed
+            self.unwinder = Unwinder(self.pid, self.mem, read_maps(self.pid))
+            self.unwinder.preload()
+        self._unwind_copies()
 
     def probe(self) -> AttemptResult:
         """A check without writing; a blocked probe is retried once with
@@ -190,68 +189,79 @@ class Transition:
         return result
 
     def try_complete(self, write: bool) -> AttemptResult:
-        """One attempt: stop every thread, check, write if safe, release.
-        Between stop and release the stop, scan, writes and release are C;
-        Python runs only a maps re-read (a thread stack born after we read
-        them), the DWARF unwinding of flagged threads (once an attempt was
-        blocked) and harness checks."""
-        maps = read_maps(self.pid)
+        """One attempt: stop every thread, scan, write if safe, release —
+        all in C (World.run). Everything it needs is computed here, before
+        any thread stops; precise unwinding of the threads it flags runs
+        after release, on copies of their stacks, and its verdict counts in
+        the next attempt for every thread whose registers and stack are
+        byte for byte the same (C compares them)."""
+        if self._window is None:  # built once: ranges, writes, undo bytes, the arena
+            self._window = Window(self.pid, self.mem.mem_fd(), *self._window_args, write=write,
+                                  stop_timeout_s=STOP_TIMEOUT)
+        window = self._window
+        window.c.write = int(write)
+        window.set_stacks(read_maps(self.pid))
+        window.set_known(list(self._known.values()))
         world = World(self.pid).seize()
-        lo_hi = [(r.start, r.end) for r in self.ranges]
-        late: list[int] = []
-        t0 = world.lib.kp_now_us()
+        self._vetoes = []
         try:
-            # Stop at normal priority: interrupted threads must get a CPU to
-            # reach their stop, and at SCHED_FIFO our polling keeps them off
-            # ours (64 threads: 7 ms -> 0.6 ms; 256: 34 ms -> 3 ms).
-            late = world.stop(STOP_TIMEOUT)
-            with realtime():  # from here on, nothing of the target should run
-                unsafe = world.scan(lo_hi, maps) if not late else 0
-                if unsafe and any(t.unsafe == Verdict.STACK_UNKNOWN for t in world.threads()):
-                    unsafe = world.scan(lo_hi, read_maps(self.pid))
-                if unsafe and self.unwinder is not None:
-                    unsafe -= self._precise(world)
-                vetoes = self._run_checks(world) if not late and not unsafe else []
-                if not late and not unsafe and not vetoes and write:
-                    self._write_all(world)
-                    interrupts.commit()  # the change is made: the command must complete
-                verdicts = [(t.tid, t.unsafe, t.hit_value) for t in world.threads() if t.unsafe]
-                world.release()
+            done = world.run(window, self._run_checks if self.checks else None)
+            if done:  # signals are held for the attempt: none falls in between
+                interrupts.commit()  # the change is made: the command must complete
         finally:
             world.release()  # no-op unless something above raised
-            pause = world.lib.kp_now_us() - t0
+        c = window.c
+        pause = c.pause_us
+        self.last_split = {"stop": c.stop_us, "scan": c.scan_us, "write": c.write_us,
+                           "release": c.release_us}  # µs: where the pause went
         self.longest_pause_us = max(self.longest_pause_us, pause)
         self.stopped_us += pause
-        if late or verdicts or vetoes:
-            blockers = self._blockers(verdicts, late) + [
-                Blocker(tid, quiescence.thread_name(self.pid, tid), reason) for tid, reason in vetoes]
-            return AttemptResult(False, pause, blockers)
-        return AttemptResult(True, pause)
+        threads = world.verdicts()
+        if all(t.state == world.lib.KP_GONE for t in threads):
+            raise TargetGone(f"process {self.pid} exited")
+        if c.failed_write >= 0:
+            raise RemoteError(f"writing into process {self.pid} failed at write {c.failed_write}; "
+                              "nothing was switched")
+        self._copies = window.stack_copies(threads)
+        if self.unwinder is not None:
+            self._unwind_copies()
+        verdicts = [(t.tid, t.unsafe, t.hit_value) for t in threads if t.unsafe]
+        late = bool(c.late)
+        if done or (not write and not late and not verdicts and not self._vetoes):
+            return AttemptResult(True, pause)
+        blockers = self._blockers(verdicts) + [
+            Blocker(tid, quiescence.thread_name(self.pid, tid), reason) for tid, reason in self._vetoes]
+        return AttemptResult(False, pause, blockers, verdicts, bool(late or self._vetoes))
 
-    def _precise(self, world: World) -> int:
-        """Unwind the flagged threads with DWARF CFI (slow path, in the
-        window): a stale address the conservative scan saw in a dead stack
-        slot is dismissed when the real call chain is complete and clean.
-        A thread whose rip is in busy code is never dismissed."""
-        dismissed = 0
-        for t in world.threads():
-            if t.unsafe not in (Verdict.IN_RIP, Verdict.ON_STACK):
-                continue
-            frames, complete = self.unwinder.unwind({k: getattr(t.regs, k) for k in REG_NAMES}, 64)
+    def _worth_retrying_now(self, result: AttemptResult) -> bool:
+        """Blocked only by threads unwinding has just cleared (or whose stack
+        was born after we read the maps): the next attempt will likely pass."""
+        return bool(result.verdicts) and not result.late and all(
+            (v == Verdict.ON_STACK and tid in self._known) or v == Verdict.STACK_UNKNOWN
+            for tid, v, _ in result.verdicts)
+
+    def _unwind_copies(self) -> None:
+        """Unwind the stacks the last attempt copied (the threads run
+        meanwhile: this reads only the copies). A thread whose real call
+        chain is complete and clean is remembered as it was."""
+        from .unwind import StackSnapshot
+        for copy in self._copies:
+            reader = StackSnapshot(copy)
+            frames, complete = self.unwinder.unwind(copy.regs, 64, reader=reader)
             pcs = [f.pc for f in frames]
-            self._backtraces[t.tid] = pcs
-            if t.unsafe == Verdict.ON_STACK and complete and quiescence.frames_are_safe(pcs, self.ranges):
-                t.unsafe = Verdict.SAFE
-                dismissed += 1
-        return dismissed
+            self._backtraces[copy.tid] = pcs
+            if complete and quiescence.frames_are_safe(pcs, self.ranges):
+                # the verdict rests on the registers and the bytes the walk read
+                self._known[copy.tid] = Known(copy.tid, copy.raw_regs, copy.stack[:reader.used])
+            else:
+                self._known.pop(copy.tid, None)
+        self._copies = []
 
-    def _run_checks(self, world: World) -> list[tuple[int, str]]:
-        """Harness checks, inside the window (they may read memory/registers)."""
-        if not self.checks:
-            return []
+    def _run_checks(self, stopped) -> bool:
+        """Harness checks: the one Python that runs with the threads stopped
+        (between scan and write), only for a harness that brings one."""
         view = harness.StoppedView(self.pid, self.mem, [
-            harness.StoppedThread(t.tid, {k: getattr(t.regs, k) for k in REG_NAMES})
-            for t in world.threads() if t.state == world.lib.KP_STOPPED])
+            harness.StoppedThread(t.tid, {k: getattr(t.regs, k) for k in REG_NAMES}) for t in stopped])
         vetoes = []
         for h in self.checks:
             try:
@@ -260,36 +270,13 @@ class Transition:
                 raise HotpatchError(
                     f"harness {h.name} check failed: {type(e).__name__}: {e}; nothing was switched") from None
             vetoes += [(tid, f"{reason} (harness {h.name})") for tid, reason in found]
-        return vetoes
+        self._vetoes = vetoes
+        return not vetoes
 
-    def _write_all(self, world: World) -> None:
-        ffi, lib = world.ffi, world.lib
-        bufs = [ffi.from_buffer(b) for _, b in self.writes]
-        failed = lib.kp_write_all(
-            self.mem.mem_fd(), len(self.writes),
-            ffi.new("unsigned long[]", [a for a, _ in self.writes]),
-            ffi.new("unsigned char *[]", bufs),
-            ffi.new("unsigned long[]", [len(b) for _, b in self.writes]))
-        if failed >= 0:
-            self._undo_partial()
-            raise RemoteError(f"writing into process {self.pid} failed at write {failed}; nothing was switched")
-
-    def _undo_partial(self) -> None:
-        """Still inside the window: put back what landed (all or nothing)."""
-        for f in self.functions:
-            before = f.old_bytes if self.direction is Direction.PATCH else f.new_bytes
-            try:
-                self.mem.write(f.addr, bytes.fromhex(before))
-            except HotpatchError:
-                pass
-
-    def _blockers(self, verdicts, late) -> list[Blocker]:
-        out = [quiescence.blocker(self.pid, tid, v, val, self.ranges, self.target.symbolize,
-                                  self._backtraces.get(tid, ()))
-               for tid, v, val in verdicts]
-        out += [quiescence.blocker(self.pid, tid, Verdict.NOT_STOPPED, 0, self.ranges, self.target.symbolize)
-                for tid in late]
-        return out
+    def _blockers(self, verdicts) -> list[Blocker]:
+        return [quiescence.blocker(self.pid, tid, v, val, self.ranges, self.target.symbolize,
+                                   self._backtraces.get(tid, ()))
+                for tid, v, val in verdicts]
 
     # -- complete ------------------------------------------------------------------
     def complete(self, result: AttemptResult) -> None:

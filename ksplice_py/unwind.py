@@ -82,6 +82,28 @@ class _PageReader:
         return int.from_bytes(self.read(addr, 8), "little")
 
 
+class StackSnapshot:
+    """A thread's stack as copied inside a stopped window (tracer.StackCopy):
+    reads inside [rsp, rsp + len) come from the copy; any other read ends
+    the walk incomplete, so a verdict never depends on live memory. ``used``
+    says how far up the walk read: the bytes above (TLS at the top of a
+    thread's stack, which the kernel's rseq updates rewrite) do not count."""
+
+    def __init__(self, copy) -> None:
+        self._lo, self._data = copy.regs["rsp"], copy.stack
+        self.used = 0  # bytes from rsp up to the highest one read: what a verdict rests on
+
+    def read(self, addr: int, size: int) -> bytes:
+        off = addr - self._lo
+        if off < 0 or off + size > len(self._data):
+            raise RemoteError(f"address {addr:#x} is outside the copied stack")
+        self.used = max(self.used, off + size)
+        return self._data[off:off + size]
+
+    def read_u64(self, addr: int) -> int:
+        return int.from_bytes(self.read(addr, 8), "little")
+
+
 # --------------------------------------------------------------------------
 # Per-object CFI tables (link-time addresses)
 # --------------------------------------------------------------------------
@@ -264,16 +286,18 @@ class Unwinder:
             if m.executable and m.path not in self._objects:
                 self._objects[m.path] = self._resolve(m)
 
-    def unwind(self, regs: dict[str, int], max_frames: int = 256) -> tuple[list[Frame], bool]:
+    def unwind(self, regs: dict[str, int], max_frames: int = 256,
+               reader: "StackSnapshot | None" = None) -> tuple[list[Frame], bool]:
         """Walk the stack of a stopped thread from its registers. Returns the
         frames and whether the walk ended at the outermost frame; False means
         it stopped early (no CFI, unreadable or corrupt stack, max_frames) and
-        the caller must not rely on having seen every return address."""
+        the caller must not rely on having seen every return address.
+        ``reader``: read the stack from a copy instead of the live process."""
         cur = {n: regs[name] & _MASK for n, name in enumerate(_DWARF_REGS) if name in regs}
         frames: list[Frame] = []
         exact = True  # frame 0, and frames a signal interrupted, hold an exact pc
         seen: set[tuple[int, int]] = set()
-        mem = _PageReader(self.mem)
+        mem = reader or _PageReader(self.mem)
         try:
             while len(frames) < max_frames:
                 pc, sp = cur.get(_RIP), cur.get(_RSP)

@@ -1,4 +1,5 @@
-"""Emit the few x86-64 branch instructions the patcher needs.
+"""Emit the few x86-64 instructions the patcher needs: branches, and the
+handful the syscall-injection stub is made of (stub.py).
 
 We use a small encoder of our own rather than keystone: every form we emit is
 a fixed byte template with one little-endian field (rel32, disp32 or an
@@ -103,3 +104,28 @@ def jcc_best(cc: int, at: int, dest: int) -> bytes:
 def _check_cc(cc: int) -> None:
     if not 0 <= cc <= 0xF:
         raise ValueError(f"condition code {cc} is not 0..15")
+
+
+# -- the injection stub's instructions (stub.py) ----------------------------
+
+SYSCALL = b"\x0f\x05"
+POPFQ = b"\x9d"
+# Register numbers in the ModRM/opcode encoding; 4 (rsp) is never popped.
+_GPR = {"rax": 0, "rcx": 1, "rdx": 2, "rbx": 3, "rbp": 5, "rsi": 6, "rdi": 7,
+        "r8": 8, "r9": 9, "r10": 10, "r11": 11, "r12": 12, "r13": 13, "r14": 14, "r15": 15}
+
+
+def pop(reg: str) -> bytes:
+    """`pop <reg>` (58+r, REX.B for r8..r15). Not rsp: pop rsp is not a
+    restore a stub may do half-way."""
+    if reg not in _GPR:
+        raise ValueError(f"cannot pop {reg!r}")
+    n = _GPR[reg]
+    return (b"\x41" if n >= 8 else b"") + bytes((0x58 + (n & 7),))
+
+
+def ret_imm16(skip: int) -> bytes:
+    """`ret imm16`: rip := [rsp], then rsp += 8 + skip, in one instruction."""
+    if not 0 <= skip <= 0xFFFF:
+        raise ValueError(f"ret operand {skip} is not 0..65535")
+    return b"\xc2" + struct.pack("<H", skip)

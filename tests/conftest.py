@@ -125,16 +125,11 @@ def read_mem(pid: int, addr: int, size: int) -> bytes:
         return f.read(size)
 
 
-INJECTOR = "/memfd:ksplice_py:injector"
-
-
 def maps_lines(pid: int) -> list[str]:
-    """The target's mappings, less the injector page: the one thing a target
-    keeps once hotpatch has touched it (created once per process lifetime,
-    since creating/removing it are the only moments a killed tool could
-    hurt the target; see README)."""
+    """The target's mappings, every one: a target hotpatch did not patch
+    keeps nothing of ours (no page, no descriptor; see README)."""
     with open(f"/proc/{pid}/maps") as f:
-        return [line for line in f.read().splitlines() if INJECTOR not in line]
+        return f.read().splitlines()
 
 
 def first_instruction(binary: Path, func: str) -> str:

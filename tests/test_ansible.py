@@ -201,8 +201,8 @@ def assert_patched(t: Target, sha: str) -> None:
 
 
 def assert_untouched(host: Host, t: Target) -> None:
-    """Running exactly as before: same code, same mappings (less the tool's
-    injector page), no edition, the old results."""
+    """Running exactly as before: same code, same mappings, no edition,
+    the old results."""
     t.assert_running()
     assert editions(t) == [], f"pid {t.pid} on {host.name} carries editions"
     assert t.code() == host.code[t.pid], f"pid {t.pid} on {host.name}: code changed"

@@ -12,7 +12,8 @@ start-up), half uniform over its working tail, counted from the moment it
 takes the per-target lock (an fd on ``ksplice_py.PID.lock``), so the
 prepare/cutover/cleanup phases are hit often. Where each kill landed is
 read from the target's own record before `recover`, and printed (-s).
-KSPLICE_PY_KILLS=N changes the number of kills per test (default 50).
+KSPLICE_PY_KILLS=N changes the number of kills per test (default 80; the
+long run: 400).
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ from conftest import HOTPATCH, assert_not_stopped, assert_ok, describe, run_hotp
 from test_editions import (G_NEW, G_OLD, H_OLD, PRISTINE, SL_MIX_VALUE, WORKERS, ed_maps,
                            mismatches, observed, slot, wait_values)
 
-KILLS = int(os.environ.get("KSPLICE_PY_KILLS", 50))
+KILLS = int(os.environ.get("KSPLICE_PY_KILLS", 80))
 
 
 @pytest.fixture
@@ -346,7 +347,7 @@ constants.SYSCALLS.update(open=2, read=0)
 mem = RemoteMemory(pid)
 inj = tracer.Injector(pid, mem, tid).__enter__()
 assert inj.tid == tid
-path = inj.scratch                   # the injector's data page, as cycle.py places the memfd name
+path = inj.scratch                   # below the borrowed stack's red zone, as cycle.py places the memfd name
 mem.write(path, fifo.encode() + b"\0")
 fd = inj.checked("open", path, 2)    # O_RDWR: never blocks on a FIFO
 # (A blocking read, not a nanosleep: nanosleep resets the thread's

@@ -373,12 +373,8 @@ def seeds(workdir) -> list[Seed]:
 
 
 def own_maps(pid: int) -> list[str]:
-    """The target's mappings, less the tool's syscall-injection page (created
-    once per process by the tracer and kept: not a change a patch makes)."""
-    return [line for line in maps_lines(pid) if INJECTOR not in line]
-
-
-INJECTOR = "/memfd:ksplice_py:injector"
+    """The target's mappings (a refused or undone patch leaves them as they were)."""
+    return maps_lines(pid)
 
 
 class LiveTarget:

@@ -168,3 +168,17 @@ def test_blocking_thread_backtrace_matches_gdb(tmp_path, run_target):
     assert ours[1:n] == gdb[1:n], (names, [hex(x) for x in gdb if x])
     # the quiescence predicate agrees with what the record says is busy
     assert not quiescence.frames_are_safe(ours, [quiescence.CodeRange(ours[3] - 0x10, ours[3] + 1, "c")])
+
+
+def test_stack_spans_join_only_anonymous_private_neighbours():
+    """A stack split by mprotect is scanned whole; a file or shared mapping
+    next to a thread stack is never scanned as part of it."""
+    from ksplice_py.maps import Mapping
+    from ksplice_py.tracer import stack_spans
+    m = lambda lo, hi, perms="rw-p", path="": Mapping(lo, hi, perms, 0, 0 if not path.startswith("/") else 7, path)
+    maps = [m(0x1000, 0x2000), m(0x2000, 0x3000),                  # one stack, split
+            m(0x3000, 0x4000, "rw-s", "/tmp/status"),              # a shared file next to it
+            m(0x4000, 0x5000), m(0x5000, 0x6000, "r--p"),          # read-only: not a stack
+            m(0x6000, 0x7000, path="[stack]"), m(0x7000, 0x8000, path="/lib/libc.so.6")]
+    assert stack_spans(maps) == [(0x1000, 0x3000), (0x3000, 0x4000), (0x4000, 0x5000),
+                                 (0x6000, 0x7000), (0x7000, 0x8000)]

@@ -520,3 +520,29 @@ def test_relocate_consumes_fewest_whole_instructions(harness_exe):
     # A plain instruction is copied byte for byte; the jcc grows to rel32.
     out = relocate(fn.code, fn.addr, fn.addr + 0x100, 5).code
     assert out[:3] == fn.code[:3] and out[3:5] == b"\x0f\x84" and len(out) == 9
+
+
+def test_injection_stub_decodes_to_its_restore_sequence():
+    """stub.py's bytes come from the writer; decoded back, they are exactly
+    syscall, the pops in save-area order, popfq, ret RET_SKIP."""
+    from ksplice_py import stub
+    insns = dis(stub.code(), 0x1000)
+    assert sum(i.size for i in insns) == len(stub.code())
+    assert [i.mnemonic for i in insns] == ["syscall", *["pop"] * len(stub.POPPED), "popfq", "ret"]
+    assert [i.op_str for i in insns[1:-2]] == list(stub.POPPED)
+    assert insns[-1].op_str == hex(stub.RET_SKIP)
+    # the slots the pops read, then rip, land rsp exactly back on the saved one
+    block = stub.StackBlock(0x7ffd_0000_1000)
+    rip_slot = block.save + 8 * (len(stub.SLOTS) - 1)
+    assert rip_slot + 8 + stub.RET_SKIP == block.sp
+    assert block.hi <= block.sp - stub.RED_ZONE, "save area inside the red zone"
+
+
+def test_pop_and_ret_encodings():
+    for reg in ("rax", "rbp", "rdi", "r8", "r15"):
+        (i,) = dis(w.pop(reg), 0)
+        assert (i.mnemonic, i.op_str) == ("pop", reg)
+    with pytest.raises(ValueError):
+        w.pop("rsp")
+    with pytest.raises(ValueError):
+        w.ret_imm16(1 << 16)

@@ -25,6 +25,7 @@ class Built:
     patch: Path                  # ours: compute -> compute_v3
     peer_lib: Path               # plain .so exporting compute_v3 (gdb, frida)
     many_patches: dict[int, Path] = field(default_factory=dict)  # k -> patch replacing f0..f(k-1)
+    floor: Path | None = None    # floor/floor.c: the least a ptrace tool can do
 
 
 def _cc(args: list[str], cwd: Path) -> None:
@@ -62,7 +63,8 @@ def _many_patch(k: int) -> str:
 
 def _stamp(cflags: list[str]) -> str:
     h = hashlib.sha256(" ".join(cflags).encode())
-    files = [Path(__file__), HERE / "targets" / "bench_target.c", *sorted((HERE / "patches").glob("*.c"))]
+    files = [Path(__file__), HERE / "targets" / "bench_target.c", HERE / "floor" / "floor.c",
+             *sorted((HERE / "patches").glob("*.c"))]
     files += [Path(f[2:]) / "hotpatch.h" for f in cflags if f.startswith("-I")]
     for f in files:
         h.update(f.read_bytes() if f.exists() else b"-")
@@ -73,7 +75,7 @@ def build(work: Path, hotpatch: str) -> Built:
     out = (work / "build").resolve()
     pflags = ["-shared", "-fPIC", "-O2", *_hotpatch_cflags(hotpatch)]
     built = Built(out / "bench_target", out / "bench_many", out / "compute_v3.so",
-                  out / "peer_compute.so", {k: out / f"many_{k}.so" for k in MANY_KS})
+                  out / "peer_compute.so", {k: out / f"many_{k}.so" for k in MANY_KS}, out / "floor")
     stamp = _stamp(pflags)
     if (out / "stamp").exists() and (out / "stamp").read_text() == stamp:
         return built
@@ -88,6 +90,7 @@ def build(work: Path, hotpatch: str) -> Built:
         [*flags, "-DMANY", f"-I{out}", "-o", str(built.many), str(src)],
         [*pflags, "-o", str(built.patch), str(HERE / "patches" / "compute_v3.c")],
         ["-shared", "-fPIC", "-O2", "-o", str(built.peer_lib), str(HERE / "patches" / "peer_compute.c")],
+        ["-O2", "-Wall", "-o", str(built.floor), str(HERE / "floor" / "floor.c")],
     ]
     for k in MANY_KS:
         c = out / f"many_{k}.c"

@@ -34,7 +34,8 @@ def markdown(res: dict) -> str:
          f"{meta['reps']} runs per point, {meta['duration_s']:.0f} s in all. Load average "
          f"{meta.get('loadavg_start', '?')} at start, {meta.get('loadavg_end', '?')} at end "
          "(2 cores: anything above ~2 is other work sharing the machine, which shows in the "
-         "idle column and in every wall time).", "",
+         "idle column and in every wall time). ksplice_py's bytecode: "
+         f"{meta.get('bytecode', '?')}.", "",
          f"Tools: ksplice_py {meta['versions'].get('ksplice_py')}, "
          + ", ".join(f"{k} {v}" for k, v in meta["versions"].items() if k != "ksplice_py") + ".", ""]
     for name, why in meta["skipped_peers"].items():
@@ -58,6 +59,29 @@ def markdown(res: dict) -> str:
         for p in peers:
             pr = r.get(p)
             row += [_m(pr["gap_us"]), _x(pr["gap_ratio_to_ours"])] if pr else ["-", "-"]
+        rows.append(row)
+    L += _table(head, rows)
+
+    L += ["## Against the physical floor", "",
+          "*floor*: `benchmarks/floor/floor.c` on the same target in the same run: seize every "
+          "thread, interrupt them, wait for each stop, write one word through /proc/PID/mem, "
+          "release them (the least any ptrace tool can do). ×floor divides medians: our pause "
+          "by the floor's, our stall by the floor's stall. *no-hijack stall*: the heartbeat "
+          "thread alone, which no tool borrows (ours, gdb and frida borrow the main thread). "
+          "Goal: ≤1.5× the floor at every N.", ""]
+    head = ["N", "floor pause", "ours pause", "×floor", "floor stall", "ours stall", "×floor",
+            "floor no-hijack", "ours no-hijack", "×floor"]
+    for p in peers:
+        head += [f"{p} no-hijack"]
+    rows = []
+    for r in res["stall"]:
+        f, o = r.get("floor") or {}, r["ours"]
+        row = [str(r["n"]), _m(f.get("pause_us")), _m(o["pause_us"]), _x(f.get("ours_pause_ratio")),
+               _m(f.get("gap_us")), _m(o["gap_us"]), _x(f.get("ours_gap_ratio")),
+               _m(f.get("gap_thread_us")), _m(o["gap_thread_us"]), _x(f.get("ours_gap_thread_ratio"))]
+        for p in peers:
+            pr = r.get(p)
+            row += [_m(pr["gap_thread_us"]) if pr else "-"]
         rows.append(row)
     L += _table(head, rows)
 
@@ -88,6 +112,17 @@ def markdown(res: dict) -> str:
     L += _table(["cache", "wall s (median / max)", "pause µs (median / max)", "runs ok"],
                 [[k, _m(c[k]["wall_s"], fmt="{:.2f}"), _m(c[k]["pause_us"]), f"{c[k]['ok']}/{c[k]['runs']}"]
                  for k in ("empty", "cold", "warm") if k in c])
+
+    b = c.get("breakdown") or {}
+    if b:
+        L += ["### Where a warm apply's time goes (s, medians)", "",
+              "`bench/phases.py` runs the CLI's apply in a fresh interpreter with the library's "
+              "phases timed exclusively; *interpreter* is the same Python running `pass`.", ""]
+        rows = [["interpreter start + exit", f"{b['interpreter_s']:.3f}"],
+                ["imports (ksplice_py.cli and everything it pulls in)", f"{b['imports_s']:.3f}"]]
+        rows += [[k, f"{v:.3f}"] for k, v in b["phases_s"].items()]
+        rows += [["wall time of the whole process", f"{b['wall_s']:.3f}"]]
+        L += _table(["part", "s"], rows)
 
     L += ["## One cutover switching k functions (8 workers calling f0..f999)", ""]
     L += _table(["k", "pause µs", "stall µs", "revert pause µs", "attempts", "wall s", "runs ok"],
@@ -153,6 +188,7 @@ def plot(res: dict, path: Path) -> str | None:
     series(lambda r: r["ours"]["pause_us"], "ksplice_py pause_us (own report)", "s-", "tab:cyan")
     series(lambda r: (r.get("gdb") or {}).get("gap_us"), "gdb stall", "^-", "tab:red")
     series(lambda r: (r.get("frida") or {}).get("gap_us"), "frida stall", "v-", "tab:orange")
+    series(lambda r: (r.get("floor") or {}).get("gap_us"), "floor stall (floor.c)", "d-", "tab:green")
     series(lambda r: r["baseline_gap_us"], "idle heartbeat gap", "x-", "tab:gray")
     ax.set_xscale("log")
     ax.set_yscale("log")

@@ -9,6 +9,7 @@ survival  64 busy workers; how often each tool leaves the target dead or broken
 """
 from __future__ import annotations
 
+import json
 import shutil
 import statistics
 import sys
@@ -20,7 +21,8 @@ from typing import Callable
 
 from .build import MANY_KS, Built
 from .target import Target, TargetDied
-from .tools import Frida, Gdb, OpResult, Ours
+from .tools import Floor, Frida, Gdb, OpResult, Ours
+from .tools import _run as _run_cmd
 
 STALL_TARGET_LIFE = 600.0  # seconds: far beyond any suite, still bounded
 PEER_TARGET_LIFE = 120.0
@@ -91,7 +93,7 @@ def stall(cfg: Config) -> list[dict]:
     rows = []
     for n in cfg.ns:
         row: dict = {"n": n}
-        applies, reverts, base, failures = [], [], [], []
+        applies, reverts, base, failures, floors = [], [], [], [], []
         with Target(cfg.built.target, "stall", n, cfg.work, STALL_TARGET_LIFE) as t:
             row["heartbeat_sched_fifo"] = bool(t.get("rt"))
             row["threads"] = t.threads()
@@ -106,9 +108,10 @@ def stall(cfg: Config) -> list[dict]:
                         rv.ok, rv.error = False, "reverted, but compute() still answers the new way"
                     reverts.append(rv)
                 base.append(baseline_gap(t, a.wall_s))
-                for r in (a, rv):
+                floors.append(measured(t, lambda: Floor(cfg.built.floor).apply(t.pid)))
+                for r in (a, rv, floors[-1]):
                     if r is not None and (note := _fail_note(r, t)):
-                        failures.append(f"ours {r.op}: {note}")
+                        failures.append(f"{r.tool} {r.op}: {note}")
                 if not t.alive():
                     break
         ok_a = [r for r in applies if r.ok]
@@ -126,8 +129,10 @@ def stall(cfg: Config) -> list[dict]:
             "revert_wall_s": summary([r.wall_s for r in ok_r]),
         }
         row["baseline_gap_us"] = summary(base)
+        row["floor"] = _floor_row(floors, row["ours"])
         log(f"stall N={n}: ours pause {_fmt(row['ours']['pause_us'])} µs, "
-            f"gap {_fmt(row['ours']['gap_us'])} µs, idle gap {_fmt(row['baseline_gap_us'])} µs")
+            f"gap {_fmt(row['ours']['gap_us'])} µs, idle gap {_fmt(row['baseline_gap_us'])} µs; "
+            f"floor pause {_fmt(row['floor']['pause_us'])} µs, gap {_fmt(row['floor']['gap_us'])} µs")
         if n in cfg.peer_ns:
             for peer in cfg.peers:
                 row[peer.name] = _peer_stall(cfg, peer, n, row["ours"], failures)
@@ -136,6 +141,20 @@ def stall(cfg: Config) -> list[dict]:
         row["failures"] = failures
         rows.append(row)
     return rows
+
+
+def _floor_row(runs: list[OpResult], ours: dict) -> dict:
+    """The floor program's pause and stall, and ours as a multiple of them
+    (median over median, same target, same run)."""
+    ok = [r for r in runs if r.ok]
+    out = {"runs": len(runs), "ok": len(ok),
+           "pause_us": summary([r.pause_us for r in ok]),
+           "gap_us": summary([r.gap_us for r in ok]),
+           "gap_thread_us": summary([r.extra.get("gap_thread_us") for r in ok])}
+    out["ours_pause_ratio"] = ratio(ours["pause_us"], out["pause_us"])
+    out["ours_gap_ratio"] = ratio(ours["gap_us"], out["gap_us"])
+    out["ours_gap_thread_ratio"] = ratio(ours["gap_thread_us"], out["gap_thread_us"])
+    return out
 
 
 def _peer_stall(cfg: Config, peer, n: int, ours: dict, failures: list) -> dict:
@@ -209,6 +228,36 @@ def cache(cfg: Config) -> dict:
                           "gap_us": summary([r.gap_us for r in ok]),
                           "errors": [r.error for r in results if not r.ok]}
             log(f"cache {state}: wall {_fmt(out[state]['wall_s'], 's')} s")
+        out["breakdown"] = _breakdown(cfg, t)
+    return out
+
+
+def _breakdown(cfg: Config, t: Target) -> dict:
+    """Where a warm `hotpatch apply` spends its time: the same interpreter
+    doing nothing (start-up + exit), then bench/phases.py running the CLI's
+    apply with the library's phases timed (medians over the runs)."""
+    python = Path(cfg.ours.hotpatch).read_text().splitlines()[0].removeprefix("#!").strip()
+    starts, runs = [], []
+    for _ in range(cfg.reps):
+        cp, wall, _ = _run_cmd([python, "-c", "pass"])
+        starts.append(wall)
+        cp, wall, err = _run_cmd([python, str(Path(__file__).parent / "phases.py"), str(t.pid),
+                                  str(cfg.built.patch)], env=cfg.ours._env(None))
+        if cp is None or cp.returncode != 0:
+            continue
+        data = json.loads(cp.stderr.strip().splitlines()[-1])
+        data["wall_s"] = wall
+        runs.append(data)
+        cfg.ours.revert(t.pid)
+    if not runs:
+        return {}
+    med = statistics.median
+    phases = {k: med(r["phases_s"].get(k, 0.0) for r in runs) for k in runs[0]["phases_s"]}
+    out = {"runs": len(runs), "wall_s": med(r["wall_s"] for r in runs),
+           "interpreter_s": med(starts),
+           "imports_s": med(r["imports_s"] for r in runs), "phases_s": phases}
+    log(f"breakdown: wall {out['wall_s']:.3f} s = interpreter {out['interpreter_s']:.3f} + imports "
+        f"{out['imports_s']:.3f} + " + " + ".join(f"{k} {v:.3f}" for k, v in phases.items()))
     return out
 
 

@@ -81,6 +81,34 @@ class Ours:
         return self._op("revert", [str(pid), "--timeout", str(timeout)], cache)
 
 
+class Floor:
+    """benchmarks/floor/floor.c: seize, interrupt, wait for, write one word
+    into and release every thread of the target (the least a ptrace tool
+    that switches code can do; its pause is the physical floor of ours)."""
+    name = "floor"
+
+    def __init__(self, binary: Path) -> None:
+        self.binary = binary
+
+    def apply(self, pid: int) -> OpResult:
+        addr = _first_code_address(pid)
+        cp, wall, err = _run([str(self.binary), str(pid), hex(addr)])
+        if cp is None or cp.returncode != 0:
+            return OpResult(self.name, "apply", False, wall, error=err or _last_line(cp.stderr))
+        data = json.loads(_last_line(cp.stdout))
+        return OpResult(self.name, "apply", True, wall, pause_us=data["pause_us"], rc=0)
+
+
+def _first_code_address(pid: int) -> int:
+    """Start of the target's first executable mapping (the word written back)."""
+    with open(f"/proc/{pid}/maps") as f:
+        for line in f:
+            fields = line.split()
+            if fields[1][2] == "x":
+                return int(fields[0].split("-")[0], 16)
+    raise RuntimeError(f"process {pid} has no executable mapping")
+
+
 class Gdb:
     """`gdb -p PID -batch`: call dlopen, then write a jump over compute()."""
     name = "gdb"
