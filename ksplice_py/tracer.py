@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
 from dataclasses import dataclass
 
 from . import native
@@ -46,6 +47,14 @@ def _is_zombie(pid: int, tid: int) -> bool:
 
 def _tracer_of(pid: int, tid: int) -> int:
     return status_field(f"/proc/{pid}/task/{tid}/status", "TracerPid") or 0
+
+
+def _still_ours(pid: int, rc: int, tid: int) -> bool:
+    """PTRACE_SEIZE failed with EPERM because this thread of ours already
+    traces ``tid`` (TracerPid names the tracing *thread*): a clone of a
+    thread we seized, or a thread an earlier release could not stop (see
+    release_threads) and so could not detach. Not a permission problem."""
+    return rc == -errno.EPERM and _tracer_of(pid, tid) == threading.get_native_id()
 
 
 def check_target(pid: int) -> None:
@@ -106,9 +115,9 @@ class World:
                 rc = self.lib.kp_seize(tid, self.lib.KP_FOLLOW_CLONES)
                 if rc == -errno.ESRCH:
                     continue  # the thread exited meanwhile
-                if rc == -errno.EPERM and _tracer_of(self.pid, tid) == os.getpid():
-                    # cloned by a thread we had seized: auto-attached to us
-                    # (PTRACE_O_TRACECLONE); it reports its own stop later
+                if _still_ours(self.pid, rc, tid):
+                    # auto-attached clone or left by an earlier release:
+                    # it reports its own stop later
                     self._append(tid)
                     continue
                 if rc != 0:
@@ -195,7 +204,11 @@ class World:
 
 
 def release_threads(lib, pid: int, arr, n, cap: int) -> None:
-    """Detach every thread of a C array (kp_release_world)."""
+    """Detach every thread of a C array (kp_release_world). A thread that
+    does not stop even for the second try (D state, or no CPU for 200 ms on
+    a loaded machine) cannot be detached: it stays seized by this thread,
+    our interrupt pending, until a later attach meets it (``_still_ours``)
+    and releases it, or we exit and the kernel detaches it."""
     lib.kp_release_world(pid, arr, n, cap)
 
 
@@ -362,8 +375,8 @@ class Injector:
             # No PTRACE_O_TRACECLONE: this thread must never stop inside a
             # clone() (see kp_inject_syscall), and its children are not ours.
             rc = self.lib.kp_seize(tid, self.lib.KP_SYSCALL_STOPS)
-            if rc == -errno.ESRCH:
-                continue
+            if rc == -errno.ESRCH or _still_ours(self.pid, rc, tid):
+                continue  # gone, or did not stop for an earlier attach: try another
             if rc != 0:
                 raise _seize_error(self.pid, tid, -rc)
             self._t[0].tid, self._t[0].state, self._n[0] = tid, self.lib.KP_RUNNING, 1

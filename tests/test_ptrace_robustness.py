@@ -26,6 +26,8 @@ HARD_C = r"""
  *   hard STATUS vfork    a worker, plus a thread that vforks a child which
  *                        sleeps 60 s: that thread waits in D state
  *                        (HOLD_CALLS = vforks started)
+ *   hard STATUS vfork-main  the same, but the vforking thread is the main
+ *                        thread (the one the syscall injector borrows first)
  *   hard STATUS fork     a worker; the main thread forks a child every ms
  *                        that exits with compute(7) (READ_RETURNS = reaped,
  *                        ERRORS = bad exits, HOLD_RESULT = last result); on
@@ -146,6 +148,10 @@ int main(int argc, char **argv)
         hp_spawn(vforker, NULL);
         hp_ready();
         hp_idle();
+    }
+    if (!strcmp(argv[2], "vfork-main")) {
+        hp_ready();
+        vforker(NULL);
     }
     hp_ready();
     forker();
@@ -268,6 +274,29 @@ def test_uninterruptible_thread_bounded_by_timeout(progs, spawn, mul3):
     for kid in kids:
         os.kill(kid, signal.SIGKILL)
     wait_until(lambda: target.status["hold_calls"] > calls, 5, "the vfork thread to run again")
+    assert not any(s in "tT" for s in thread_states(target.pid).values())
+
+
+def test_thread_still_seized_from_an_earlier_attach(progs, spawn, mul3):
+    """The main thread waits in D state (a vfork parent): it stops neither in
+    time nor within release's second try, so it stays seized by us, our
+    interrupt pending. The abort's syscall injector then meets it again (it
+    borrows the main thread first): PTRACE_SEIZE says EPERM, and that is our
+    own hold, not "not allowed to trace" (exit 2, the bug): exit 3, and
+    nothing of ours is left once the thread can stop."""
+    target = spawn(progs["hard"], "vfork-main")
+    wait_until(lambda: thread_states(target.pid).get(target.pid) == "D", 5, "the main thread in D state")
+    before = snapshot(target)
+    line = assert_error(run_hotpatch("apply", target.pid, mul3, "--timeout", 0, timeout=60), 3)
+    assert "did not stop" in line, line
+    assert snapshot(target) == before
+    target.assert_progress()
+    calls = target.status["hold_calls"]
+    for kid in Path(f"/proc/{target.pid}/task/{target.pid}/children").read_text().split():
+        os.kill(int(kid), signal.SIGKILL)
+    wait_until(lambda: target.status["hold_calls"] > calls, 5, "the vfork thread to run again")
+    tasks = Path(f"/proc/{target.pid}/task")
+    assert all(tracer_pid(int(t.name)) == 0 for t in tasks.iterdir())
     assert not any(s in "tT" for s in thread_states(target.pid).values())
 
 
