@@ -220,10 +220,12 @@ class Process:
         self.verify("reading its editions")  # what we read was this process's
         return eds
 
-    def symbolize(self, addr: int) -> str:
-        """``object:function+0xoff`` for an address in the target."""
+    def symbolize(self, addr: int, return_address: bool = False) -> str:
+        """``object:function+0xoff`` for an address in the target. A return
+        address is looked up at ``addr - 1``: after a call to a function that
+        never returns it lies just past its caller's last byte."""
         try:
-            sym = self.symbols.function_at(addr)
+            sym = self.symbols.function_at(addr - 1 if return_address else addr)
         except HotpatchError:
             sym = None
         return f"{sym.qualified}+{addr - sym.addr:#x}" if sym else hex(addr)
