@@ -127,8 +127,9 @@ class PatchCycle:
             self.switches.append(Switch(rep, sym, code))
         for ref in self.patch.symbol_refs:
             self.symbol_refs.append((ref.ptr, syms.resolve(ref.target)))
-        chosen = self.harness_choice.select(
-            {sw.sym.object: self.proc.symbols.build_id(sw.sym.object) for sw in self.switches})
+        objects = [syms.object(sw.sym.object) for sw in self.switches]
+        # harnesses govern an object by file name or SONAME
+        chosen = self.harness_choice.select({n: o.build_id for o in objects for n in o.names})
         self._plan_regions()
         self._map_regions()
         self.edition = ed.Edition(

@@ -57,6 +57,10 @@ class UnknownObject(PatchMismatch):
     pass
 
 
+class AmbiguousObject(PatchMismatch):
+    """A SONAME that more than one mapped file carries."""
+
+
 class BuildIdMismatch(PatchMismatch):
     pass
 

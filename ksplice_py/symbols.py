@@ -33,6 +33,7 @@ from elftools.elf.sections import SymbolTableSection
 
 from . import maps as _maps
 from .errors import (
+    AmbiguousObject,
     AmbiguousSymbol,
     BadInput,
     RemoteError,
@@ -87,6 +88,12 @@ class ObjectInfo:
     build_id: str | None  # lowercase hex of NT_GNU_BUILD_ID
     start: int
     end: int
+    soname: str | None = None  # DT_SONAME: "libfoo.so.0" for libfoo.so.0.35.0
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Every name a patch may use for this object: file name, then SONAME."""
+        return (self.name,) if self.soname in (None, self.name) else (self.name, self.soname)
 
 
 # --- per-file data (what the cache holds; independent of the load address) --
@@ -120,6 +127,7 @@ class _Header(NamedTuple):
     first_load: tuple[int, int]  # (p_offset, p_vaddr) of the first PT_LOAD
     dynamic: tuple[int, int] | None  # (p_vaddr, p_memsz) of PT_DYNAMIC
     build_id: str | None
+    soname: str | None
 
 
 class _Malformed(Exception):
@@ -142,23 +150,35 @@ def _read_header(path: str) -> _Header:
             elf = ELFFile(f)
             if elf.elfclass != 64 or elf["e_machine"] != "EM_X86_64":
                 raise _Malformed(f"not an x86-64 ELF ({elf['e_machine']}, {elf.elfclass}-bit)")
-            first_load = dynamic = build_id = None
+            first_load = dynamic = build_id = soname = None
             for seg in elf.iter_segments():
                 if seg["p_type"] == "PT_LOAD" and first_load is None:
                     first_load = (seg["p_offset"], seg["p_vaddr"])
                 elif seg["p_type"] == "PT_DYNAMIC":
                     dynamic = (seg["p_vaddr"], seg["p_memsz"])
+                    soname = _soname(seg)
                 elif seg["p_type"] == "PT_NOTE" and build_id is None:
                     for note in seg.iter_notes():
                         if note["n_type"] == "NT_GNU_BUILD_ID":
                             build_id = str(note["n_desc"]).lower()
             if first_load is None:
                 raise _Malformed("no PT_LOAD segment")
-            return _Header(first_load, dynamic, build_id)
+            return _Header(first_load, dynamic, build_id, soname)
     except _Malformed:
         raise
     except Exception as e:  # pyelftools raises many types on malformed input
         raise _Malformed(f"{type(e).__name__}: {e}") from None
+
+
+def _soname(dynamic) -> str | None:
+    """DT_SONAME of a PT_DYNAMIC segment; None when absent or unreadable
+    (the object is still usable by its file name)."""
+    try:
+        for tag in dynamic.iter_tags("DT_SONAME"):
+            return tag.soname or None
+    except Exception:  # pyelftools on a malformed string table
+        pass
+    return None
 
 
 def _version_names(elf: ELFFile) -> dict[int, str | None]:
@@ -446,7 +466,7 @@ class TargetSymbols:
         bias = min(starts) - (vaddr & ~(_PAGE - 1))
         if hdr.dynamic:
             self._dynamic[mf.path] = hdr.dynamic
-        return ObjectInfo(mf.name, mf.path, path, bias, hdr.build_id, mf.start, mf.end)
+        return ObjectInfo(mf.name, mf.path, path, bias, hdr.build_id, mf.start, mf.end, hdr.soname)
 
     def _search_order(self, objs: list[ObjectInfo]) -> list[ObjectInfo]:
         """The dynamic linker's global search order (its link_map chain), then
@@ -510,14 +530,28 @@ class TargetSymbols:
         return out
 
     def object(self, name: str) -> ObjectInfo:
+        """The object a patch calls ``name``: its file name (``main`` for the
+        executable), else its SONAME, so a patch for ``libfoo.so.0`` survives
+        the minor upgrade from ``libfoo.so.0.35.0`` to ``.36.0``. A file
+        name wins over another object's SONAME; a SONAME that two different
+        files carry is ambiguous."""
         obj = self._by_name.get(name)
-        if obj is None:
-            names = ", ".join(o.name for o in self.objects)
-            raise UnknownObject(
-                f"process {self.pid} has no object named {name!r} mapped "
-                f"(available: {names}); use 'main' or a library's file name",
-                object=name, available=[o.name for o in self.objects])
-        return obj
+        if obj is not None:
+            return obj
+        by_soname = [o for o in self.objects if o.soname == name]
+        if len(by_soname) == 1:
+            return by_soname[0]
+        if by_soname:
+            files = ", ".join(f"{o.name} ({o.path})" for o in by_soname)
+            raise AmbiguousObject(
+                f"{len(by_soname)} objects in process {self.pid} have the SONAME {name!r}: "
+                f"{files}; name the one you mean by its file name",
+                object=name, candidates=[o.name for o in by_soname])
+        names = ", ".join("/".join(o.names) for o in self.objects)
+        raise UnknownObject(
+            f"process {self.pid} has no object named {name!r} mapped "
+            f"(available: {names}); use 'main', a library's file name or its SONAME",
+            object=name, available=[n for o in self.objects for n in o.names])
 
     def build_id(self, object_name: str) -> str | None:
         return self.object(object_name).build_id

@@ -84,3 +84,112 @@ def test_backtrace_names_frame_after_noreturn_call(tmp_path):
         assert not any(f.startswith("0x") for f in frames[:4]), frames
     finally:
         t.kill()
+
+
+# --- item 7: an object named by its SONAME -----------------------------------------
+LIBFOO_C = "int foo_value(int x) { return x + VALUE; }\n"
+
+SONAME_MAIN_C = r"""
+#include <dlfcn.h>
+#include <stdio.h>
+#include <unistd.h>
+int foo_value(int);
+int main(int argc, char **argv) {
+    if (argc > 1 && !dlopen(argv[1], RTLD_NOW | RTLD_LOCAL)) { puts(dlerror()); return 1; }
+    printf("ready\n"); fflush(stdout);
+    char line[64];
+    while (fgets(line, sizeof line, stdin)) { printf("%d\n", foo_value(1)); fflush(stdout); }
+    return 0;
+}
+"""
+
+
+def _foo_patch(target: str, pin: str | None = None) -> str:
+    pin_line = f'HOTPATCH_BUILD_ID("{pin.split("=")[0]}", "{pin.split("=")[1]}");' if pin else ""
+    return f"""
+#include <hotpatch.h>
+static int foo_v2(int x) {{ return x + 1000; }}
+HOTPATCH_REPLACE("{target}", foo_v2);
+{pin_line}
+"""
+
+
+def _build_id(path: Path) -> str:
+    from elftools.elf.elffile import ELFFile
+    with open(path, "rb") as f:
+        return next(str(n["n_desc"]) for s in ELFFile(f).iter_segments() if s["p_type"] == "PT_NOTE"
+                    for n in s.iter_notes() if n["n_type"] == "NT_GNU_BUILD_ID")
+
+
+@pytest.fixture(scope="module")
+def soname_build(tmp_path_factory) -> Path:
+    """libfoo.so.0.35.0 (SONAME libfoo.so.0) linked by a program through the
+    usual symlinks, and a second build of it (libfoo.so.0.36.0, same SONAME)."""
+    d = tmp_path_factory.mktemp("soname")
+    (d / "foo.c").write_text(LIBFOO_C)
+    for version, value in (("0.35.0", 1), ("0.36.0", 2)):
+        gcc("-O0", "-shared", "-fPIC", f"-DVALUE={value}", "-Wl,-soname,libfoo.so.0",
+            "-o", d / f"libfoo.so.{version}", d / "foo.c")
+    (d / "libfoo.so.0").symlink_to("libfoo.so.0.35.0")
+    (d / "libfoo.so").symlink_to("libfoo.so.0")
+    (d / "main.c").write_text(SONAME_MAIN_C)
+    gcc("-O2", "-o", d / "prog", d / "main.c", f"-L{d}", "-lfoo", f"-Wl,-rpath,{d}", "-ldl")
+    return d
+
+
+class Asker(Proc):
+    """A target that prints foo_value(1) for each line it reads."""
+
+    def __init__(self, argv: list[str]) -> None:
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.pid = self.proc.pid
+        self.line = self.proc.stdout.readline().strip()
+        assert self.line == "ready", self.line
+
+    def ask(self) -> int:
+        self.proc.stdin.write("x\n")
+        self.proc.stdin.flush()
+        return int(self.proc.stdout.readline())
+
+
+def test_soname_names_the_object_in_targets_and_pins(soname_build, tmp_path):
+    d = soname_build
+    bid = _build_id(d / "libfoo.so.0.35.0")
+    fix = patch(tmp_path, "fix", _foo_patch("libfoo.so.0:foo_value", f"libfoo.so.0={bid}"))
+    t = Asker([str(d / "prog")])
+    try:
+        assert t.ask() == 2
+        cp = run_hotpatch("apply", t.pid, fix)
+        assert_ok(cp)
+        assert "libfoo.so.0.35.0:foo_value" in cp.stdout, cp.stdout  # the file it patched
+        assert t.ask() == 1001
+        # the file name still works, and a wrong pin by SONAME is refused (exit 4)
+        wrong = patch(tmp_path, "wrong", _foo_patch("libfoo.so.0.35.0:foo_value", "libfoo.so.0=" + "ab" * 20))
+        line = assert_error(run_hotpatch("check", t.pid, wrong), 4)
+        assert "build-id" in line, line
+    finally:
+        t.kill()
+
+
+def test_soname_carried_by_two_files_is_ambiguous(soname_build, tmp_path):
+    d = soname_build
+    fix = patch(tmp_path, "fix", _foo_patch("libfoo.so.0:foo_value"))
+    t = Asker([str(d / "prog"), str(d / "libfoo.so.0.36.0")])
+    try:
+        line = assert_error(run_hotpatch("check", t.pid, fix), 4)
+        assert "libfoo.so.0.35.0" in line and "libfoo.so.0.36.0" in line and "SONAME" in line, line
+        by_file = patch(tmp_path, "by_file", _foo_patch("libfoo.so.0.36.0:foo_value"))
+        assert run_hotpatch("check", t.pid, by_file).returncode == 0
+        assert t.ask() == 2  # check changed nothing
+    finally:
+        t.kill()
+
+
+def test_unknown_object_lists_sonames(soname_build, tmp_path):
+    fix = patch(tmp_path, "fix", _foo_patch("libnope.so.1:foo_value"))
+    t = Asker([str(soname_build / "prog")])
+    try:
+        line = assert_error(run_hotpatch("check", t.pid, fix), 4)
+        assert "libfoo.so.0.35.0/libfoo.so.0" in line, line
+    finally:
+        t.kill()

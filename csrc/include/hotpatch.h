@@ -22,7 +22,8 @@
  *        refuse to apply unless the object's GNU build-id is exactly this.
  *
  * Targets are "symbol" or "object:symbol"; object is the basename of the
- * mapped file (libc.so.6, libdemo.so) or "main" for the executable.
+ * mapped file (libc.so.6, libdemo.so), its SONAME (libfoo.so.0 for
+ * libfoo.so.0.35.0), or "main" for the executable.
  * Argument mistakes (a non-function, an orig pointer of the wrong type, a
  * non-literal target) are compile errors, not surprises at apply time.
  */
