@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass
 
 from . import editions as ed
-from . import harness, loader, placement, trampoline, x86writer
+from . import clones, harness, loader, placement, trampoline, x86writer
 from .errors import (BuildIdMismatch, HotpatchError, PatchMismatch, RemoteError, TargetGone,
                      TrampolineError)
 from .maps import read_maps
@@ -118,6 +118,7 @@ class PatchCycle:
                     f"{sym.qualified} is an IFUNC resolver; patch the implementation it selects instead")
             if sym.kind != "func":
                 raise PatchMismatch(f"{sym.qualified} is not a function; it cannot be replaced")
+            clones.refuse_undeclared(sym.qualified, rep.target, rep.clone_abi)
             if sym.addr in seen:
                 raise PatchMismatch(f"{rep.target} and {seen[sym.addr]} are the same function; replace it once")
             seen[sym.addr] = rep.target

@@ -69,6 +69,11 @@ class TrampolineError(PatchMismatch):
     """A function cannot be redirected safely (too short, branch into window...)."""
 
 
+class CloneAbiMismatch(PatchMismatch):
+    """A gcc clone (.constprop/.isra/.part) targeted by a patch that did not
+    declare it was written for the clone's ABI."""
+
+
 class UnsupportedPatch(PatchMismatch):
     """The patch uses something the loader refuses (TLS, constructors, reloc type)."""
 

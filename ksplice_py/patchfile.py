@@ -8,6 +8,7 @@ BadPatchFile line, never a traceback.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import shlex
@@ -20,7 +21,7 @@ from elftools.elf.elffile import ELFFile
 from elftools.elf.enums import ENUM_RELOC_TYPE_x64
 from elftools.elf.sections import SymbolTableSection
 
-from . import resources
+from . import clones, resources
 
 from .errors import BadPatchFile, HotpatchError, UnsupportedPatch
 
@@ -78,7 +79,7 @@ def cflags() -> str:
 # --- manifest format (keep in sync with csrc/include/hotpatch.h) -------------
 MAGIC = 0x43545048
 VERSION = 1
-KIND_REPLACE, KIND_WRAP, KIND_SYMBOL, KIND_BUILD_ID = 1, 2, 3, 4
+KIND_REPLACE, KIND_WRAP, KIND_SYMBOL, KIND_BUILD_ID, KIND_CLONE_ABI = 1, 2, 3, 4, 5
 RECORD = struct.Struct("<IHHQQQ")  # magic, version, kind, target, a, b
 
 # --- relocation types -------------------------------------------------------
@@ -106,6 +107,7 @@ class Replacement:
     func: int  # patch vaddr of the new function / wrapper
     orig_ptr: int | None  # patch vaddr of the call-original pointer (wrap)
     kind: str  # "replace" | "wrap"
+    clone_abi: bool = False  # HOTPATCH_CLONE_ABI: written for a gcc clone's ABI
 
 
 @dataclass(frozen=True)
@@ -200,6 +202,8 @@ class PatchFile:
             if r.orig_ptr is not None:
                 d["orig_ptr"] = r.orig_ptr
                 d["orig_ptr_name"] = self.func_name(r.orig_ptr)
+            if r.clone_abi:
+                d["clone_abi"] = True
             return d
 
         return {
@@ -642,6 +646,7 @@ class _Parser:
         replacements: list[Replacement] = []
         refs: list[SymbolRef] = []
         pins: list[BuildIdPin] = []
+        clone_abi: list[str] = []
         for i in range(size // RECORD.size):
             at = base + i * RECORD.size
             magic, version, kind, *_ = RECORD.unpack_from(raw, i * RECORD.size)
@@ -667,12 +672,32 @@ class _Parser:
                 refs.append(SymbolRef(target, self.var_addr(a, target)))
             elif kind == KIND_BUILD_ID:
                 pins.append(self.make_pin(target, a, what))
+            elif kind == KIND_CLONE_ABI:
+                clone_abi.append(self.check_target(target, f"HOTPATCH_CLONE_ABI {what}"))
             else:
                 raise self.bad(f"{what} has unknown kind {kind}")
         if not (replacements or refs or pins):
             raise self.bad(hint)
         self.check_duplicates(replacements, refs, pins)
-        return replacements, refs, pins
+        return self.mark_clone_abi(replacements, clone_abi), refs, pins
+
+    def mark_clone_abi(self, reps: list[Replacement], declared: list[str]) -> list[Replacement]:
+        """HOTPATCH_CLONE_ABI(t): the replacement of ``t`` was written for the
+        ABI of the gcc clone ``t`` names (clones.py). It must name a clone the
+        patch replaces or wraps, once."""
+        replaced = {r.target for r in reps}
+        seen: set[str] = set()
+        for target in declared:
+            if target in seen:
+                raise self.bad(f"HOTPATCH_CLONE_ABI({target!r}) appears twice in the manifest")
+            seen.add(target)
+            if not clones.is_clone(target.rpartition(":")[2]):
+                raise self.bad(f"HOTPATCH_CLONE_ABI({target!r}) does not name a gcc clone "
+                               f"(.{', .'.join(clones.ABI_CHANGING)})")
+            if target not in replaced:
+                raise self.bad(f"HOTPATCH_CLONE_ABI({target!r}) names a target the patch "
+                               "neither replaces nor wraps")
+        return [dataclasses.replace(r, clone_abi=True) if r.target in seen else r for r in reps]
 
     def make_pin(self, obj: str, hexptr: int | None, what: str) -> BuildIdPin:
         if not obj or ":" in obj:

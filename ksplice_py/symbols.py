@@ -31,6 +31,7 @@ from elftools.elf.gnuversions import GNUVerDefSection, GNUVerNeedSection, GNUVer
 from elftools.elf.relocation import RelocationSection
 from elftools.elf.sections import SymbolTableSection
 
+from . import clones
 from . import maps as _maps
 from .errors import (
     AmbiguousObject,
@@ -590,10 +591,8 @@ class TargetSymbols:
             data = self._load(obj, strict=True)
             found = [(obj, d) for d in _pick(data.by_name.get(name, []), version)]
             if not found:
-                raise SymbolNotFound(
-                    f"{obj_name} in process {self.pid} has no symbol {shown!r} "
-                    f"(check the name, or install its debug symbols for static functions)",
-                    object=obj_name, symbol=name)
+                self._refuse_missing(f"{obj_name} in process {self.pid} has no symbol {shown!r}",
+                                     name, [obj], object=obj_name)
         else:
             found = []
             for obj in self.objects:
@@ -601,7 +600,8 @@ class TargetSymbols:
                 if data is not None:
                     found += [(obj, d) for d in _pick(data.by_name.get(name, []), version)]
             if not found:
-                raise SymbolNotFound(f"no object in process {self.pid} defines symbol {shown!r}", symbol=name)
+                self._refuse_missing(f"no object in process {self.pid} defines symbol {shown!r}",
+                                     name, self.objects)
         if len(found) > 1:
             cands = [f"{o.name}:{name} ({d.binding} {d.kind} at {o.bias + d.value:#x})" for o, d in found]
             if len({o.name for o, _ in found}) > 1:
@@ -614,6 +614,20 @@ class TargetSymbols:
                 symbol=name, candidates=[f"{o.name}:{name}" for o, _ in found])
         obj, d = found[0]
         return self._symbol(obj, d)
+
+    def _refuse_missing(self, what: str, name: str, objects: list[ObjectInfo], **details) -> None:
+        """SymbolNotFound; when gcc replaced the function by clones with a
+        changed ABI (clones.py), name them: they are why it is missing."""
+        found = [f"{o.name}:{c}" for o in objects if (data := self._load(o)) is not None
+                 for c in clones.clones_of(name, data.by_name)]
+        if found:
+            raise SymbolNotFound(
+                f"{what}, but gcc made clones of it with a changed ABI: {', '.join(found)}; "
+                f"patch a clone only with a replacement written for its ABI, declared with "
+                f"HOTPATCH_CLONE_ABI (see docs/compiler-abi.md)",
+                symbol=name, clones=found, **details)
+        raise SymbolNotFound(f"{what} (check the name, or install its debug symbols for "
+                             f"static functions)", symbol=name, **details)
 
     # -- bind_import ------------------------------------------------------
     def bind_import(self, name: str, version: str | None, weak: bool) -> int | None:

@@ -8,33 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import assert_error, assert_ok, describe, get_cflags, run_hotpatch
-
-
-class Proc:
-    """A target that prints one line when ready; killed at teardown."""
-
-    def __init__(self, argv: list[str]) -> None:
-        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
-        self.pid = self.proc.pid
-        self.line = self.proc.stdout.readline().strip()
-        assert self.line, "target printed nothing"
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
-
-
-def gcc(*args: object) -> None:
-    cp = subprocess.run(["gcc", *map(str, args)], capture_output=True, text=True)
-    assert cp.returncode == 0, cp.stderr
-
-
-def patch(d: Path, name: str, source: str) -> Path:
-    (d / f"{name}.c").write_text(source)
-    gcc("-shared", "-fPIC", "-O2", *get_cflags(), "-o", d / f"{name}.so", d / f"{name}.c")
-    return d / f"{name}.so"
+from conftest import assert_error, assert_ok, describe, run_hotpatch
+from inline import Proc, gcc, patch
 
 
 # --- item 6: a return address after a call that never returns -------------------
@@ -137,32 +112,17 @@ def soname_build(tmp_path_factory) -> Path:
     return d
 
 
-class Asker(Proc):
-    """A target that prints foo_value(1) for each line it reads."""
-
-    def __init__(self, argv: list[str]) -> None:
-        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        self.pid = self.proc.pid
-        self.line = self.proc.stdout.readline().strip()
-        assert self.line == "ready", self.line
-
-    def ask(self) -> int:
-        self.proc.stdin.write("x\n")
-        self.proc.stdin.flush()
-        return int(self.proc.stdout.readline())
-
-
 def test_soname_names_the_object_in_targets_and_pins(soname_build, tmp_path):
     d = soname_build
     bid = _build_id(d / "libfoo.so.0.35.0")
     fix = patch(tmp_path, "fix", _foo_patch("libfoo.so.0:foo_value", f"libfoo.so.0={bid}"))
-    t = Asker([str(d / "prog")])
+    t = Proc([str(d / "prog")])
     try:
-        assert t.ask() == 2
+        assert int(t.ask()) == 2
         cp = run_hotpatch("apply", t.pid, fix)
         assert_ok(cp)
         assert "libfoo.so.0.35.0:foo_value" in cp.stdout, cp.stdout  # the file it patched
-        assert t.ask() == 1001
+        assert int(t.ask()) == 1001
         # the file name still works, and a wrong pin by SONAME is refused (exit 4)
         wrong = patch(tmp_path, "wrong", _foo_patch("libfoo.so.0.35.0:foo_value", "libfoo.so.0=" + "ab" * 20))
         line = assert_error(run_hotpatch("check", t.pid, wrong), 4)
@@ -174,20 +134,20 @@ def test_soname_names_the_object_in_targets_and_pins(soname_build, tmp_path):
 def test_soname_carried_by_two_files_is_ambiguous(soname_build, tmp_path):
     d = soname_build
     fix = patch(tmp_path, "fix", _foo_patch("libfoo.so.0:foo_value"))
-    t = Asker([str(d / "prog"), str(d / "libfoo.so.0.36.0")])
+    t = Proc([str(d / "prog"), str(d / "libfoo.so.0.36.0")])
     try:
         line = assert_error(run_hotpatch("check", t.pid, fix), 4)
         assert "libfoo.so.0.35.0" in line and "libfoo.so.0.36.0" in line and "SONAME" in line, line
         by_file = patch(tmp_path, "by_file", _foo_patch("libfoo.so.0.36.0:foo_value"))
         assert run_hotpatch("check", t.pid, by_file).returncode == 0
-        assert t.ask() == 2  # check changed nothing
+        assert int(t.ask()) == 2  # check changed nothing
     finally:
         t.kill()
 
 
 def test_unknown_object_lists_sonames(soname_build, tmp_path):
     fix = patch(tmp_path, "fix", _foo_patch("libnope.so.1:foo_value"))
-    t = Asker([str(soname_build / "prog")])
+    t = Proc([str(soname_build / "prog")])
     try:
         line = assert_error(run_hotpatch("check", t.pid, fix), 4)
         assert "libfoo.so.0.35.0/libfoo.so.0" in line, line
