@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass
 
 from . import editions as ed
-from . import clones, harness, loader, placement, trampoline, x86writer
+from . import clobbers, clones, harness, loader, placement, trampoline, x86writer
 from .errors import (BuildIdMismatch, HotpatchError, PatchMismatch, RemoteError, TargetGone,
                      TrampolineError)
 from .maps import read_maps
@@ -44,6 +44,8 @@ MAP_PRIVATE, MAP_FIXED_NOREPLACE = 0x02, 0x100000
 MFD_CLOEXEC = 1
 EEXIST = 17
 STUB_SLOT = 128  # per function: far jump (14) + call-original stub (bounded below)
+# per function, when its callers rely on registers the replacement writes (-fipa-ra)
+THUNK_SLOT = (x86writer.preserving_thunk_bound(len(clobbers.GPRS), len(clobbers.XMMS)) + 15) & ~15
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,13 @@ class Switch:
     stub_addr: int | None = None  # call-original stub (WRAP)
     far_stub: int | None = None  # abs-jump slot when the new code is out of rel32 reach
     redirect: trampoline.Redirect | None = None
+    preserve: frozenset[str] = frozenset()  # registers callers rely on that the new code writes
+    thunk_addr: int | None = None  # saves `preserve` around the new code
+
+    @property
+    def entry(self) -> int:
+        """Where the redirect sends callers: the thunk, else the new code."""
+        return self.thunk_addr or self.new_addr
 
 
 @dataclass
@@ -79,9 +88,9 @@ class Region:
     start: int = 0
     stub_cursor: int = 0  # next free stub slot (absolute, set once mapped)
 
-    def take_slot(self) -> int:
+    def take_slot(self, size: int = STUB_SLOT) -> int:
         slot = self.stub_cursor
-        self.stub_cursor += STUB_SLOT
+        self.stub_cursor += size
         return slot
 
 
@@ -125,7 +134,7 @@ class PatchCycle:
             code = self._read_function(sym)
             # Refuse before mapping anything: exit 4 with the target untouched.
             trampoline.check_window(code, x86writer.JMP_REL32_LEN)
-            self.switches.append(Switch(rep, sym, code))
+            self.switches.append(Switch(rep, sym, code, preserve=self._callers_rely_on(rep, sym, code)))
         for ref in self.patch.symbol_refs:
             self.symbol_refs.append((ref.ptr, syms.resolve(ref.target)))
         objects = [syms.object(sw.sym.object) for sw in self.switches]
@@ -153,6 +162,41 @@ class PatchCycle:
         code = self.mem.read(sym.addr, size) if size else b""
         return trampoline.FunctionCode(sym.qualified, sym.addr, sym.size, code)
 
+    def _callers_rely_on(self, rep: Replacement, sym: Symbol, code: trampoline.FunctionCode) -> frozenset[str]:
+        """Call-clobbered registers the callers of ``sym`` may keep values in
+        across calls (gcc -fipa-ra: the original never writes them) that the
+        replacement may write: a thunk must preserve them. Refuses when it
+        cannot stand in front of the function (clobbers.py)."""
+        syms = self.proc.symbols
+        if not syms.binds_locally(sym):
+            return frozenset()
+        kept = clobbers.preserved_by(sym.addr, self._function_extent, syms.in_plt)
+        seg = next((g for g in self.patch.segments
+                    if g.vaddr <= rep.func < g.vaddr + len(g.data)), None)
+        if not kept or seg is None:
+            return frozenset()
+        written = clobbers.written_by(
+            rep.func, lambda a, n: seg.data[a - seg.vaddr:a - seg.vaddr + n],
+            (seg.vaddr, seg.vaddr + len(seg.data)))
+        needed = kept & written
+        why = None
+        if needed:  # the original may ignore stack arguments its replacement reads
+            why = (clobbers.takes_stack_arguments(code.code, sym.addr)
+                   or clobbers.takes_stack_arguments(seg.data[rep.func - seg.vaddr:], rep.func))
+        if why:
+            raise TrampolineError(
+                f"cannot replace {sym.qualified}: its callers may keep values in "
+                f"{clobbers.describe(needed)} across calls to it (gcc -fipa-ra: it never writes "
+                f"them), the replacement may write them, and a thunk preserving them cannot "
+                f"stand in front of it, as it may take stack arguments ({why})", func=sym.qualified)
+        return needed
+
+    def _function_extent(self, addr: int) -> tuple[int, bytes] | None:
+        f = self.proc.symbols.function_at(addr)
+        if f is None or not f.size:
+            return None
+        return f.addr, self.mem.read(f.addr, min(f.size, 1 << 20))
+
     def _plan_regions(self) -> None:
         maps = read_maps(self.pid)
         self.edition_id = ed.next_id(maps)
@@ -173,8 +217,8 @@ class PatchCycle:
 
     @staticmethod
     def _stub_area(nfuncs: int) -> int:
-        # two slots a function: a far jump and a call-original stub
-        return placement.page_up(2 * STUB_SLOT * max(1, nfuncs))
+        # per function: a far jump, a call-original stub, a register-preserving thunk
+        return placement.page_up((2 * STUB_SLOT + THUNK_SLOT) * max(1, nfuncs))
 
     def _map_regions(self) -> None:
         with Injector(self.pid, self.mem) as inj:
@@ -218,7 +262,10 @@ class PatchCycle:
         for sw in self.switches:
             sw.new_addr = self.image.addr(sw.rep.func)
             region = self._near_region(sw.sym.addr)
-            if not x86writer.fits_rel32(sw.sym.addr + x86writer.JMP_REL32_LEN, sw.new_addr):
+            if sw.preserve:
+                sw.thunk_addr = region.take_slot(THUNK_SLOT)
+                pointer_writes.append((sw.thunk_addr, self._thunk(sw)))
+            if not x86writer.fits_rel32(sw.sym.addr + x86writer.JMP_REL32_LEN, sw.entry):
                 sw.far_stub = region.take_slot()
             if sw.rep.kind == "wrap":
                 sw.stub_addr = region.take_slot()
@@ -234,6 +281,12 @@ class PatchCycle:
         for addr, data in (*self.image.writes, *pointer_writes):
             self.mem.write(addr, data)
         self._protect()
+
+    @staticmethod
+    def _thunk(sw: Switch) -> bytes:
+        gprs = [r for r in clobbers.GPRS if r in sw.preserve]
+        xmms = [i for i, r in enumerate(clobbers.XMMS) if r in sw.preserve]
+        return x86writer.preserving_thunk(sw.thunk_addr, sw.new_addr, gprs, xmms)
 
     def _bind(self, imp) -> int | None:
         return self.proc.symbols.bind_import(imp.name, imp.version, imp.weak)
@@ -263,7 +316,7 @@ class PatchCycle:
         writes; record the edition as ``prepared``."""
         for sw in self.switches:
             sw.code = self._read_function(sw.sym)  # fresh: an edition may have landed
-            sw.redirect = trampoline.plan_redirect(sw.code, sw.new_addr, near_stub=sw.far_stub)
+            sw.redirect = trampoline.plan_redirect(sw.code, sw.entry, near_stub=sw.far_stub)
             if sw.redirect.stub_addr is not None:
                 self.mem.write(sw.redirect.stub_addr, sw.redirect.stub)
         self.edition.functions = [

@@ -700,6 +700,25 @@ class TargetSymbols:
             i -= 1
         return None
 
+    def in_plt(self, addr: int) -> bool:
+        """``addr`` is in a PLT: a call there leaves for another object."""
+        obj = next((o for o in self.objects if o.start <= addr < o.end), None)
+        data = self._load(obj) if obj is not None else None
+        return data is not None and any(lo <= addr - obj.bias < hi for lo, hi in data.plt)
+
+    def binds_locally(self, sym: Symbol) -> bool:
+        """Calls to ``sym`` from its own object may be bound at link time, so
+        gcc may have compiled them knowing its body (-fipa-ra): it is in the
+        executable, or not exported, or has a non-exported alias (glibc's
+        hidden ``__GI_`` names). An exported function of a library without
+        one is interposable, and callers assume only the ABI."""
+        obj = self.object(sym.object)
+        data = self._load(obj)
+        if obj.name == "main" or data is None:
+            return True
+        value = sym.addr - obj.bias
+        return any(d.value == value and not d.exported for ds in data.by_name.values() for d in ds)
+
     def functions_of(self, object_name: str) -> list[Symbol]:
         """Every function of one object (one name per address), e.g. for a
         harness's critical-function patterns."""

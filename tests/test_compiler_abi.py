@@ -99,3 +99,136 @@ def test_clone_abi_must_name_a_replaced_clone(tmp_path):
     plain = patch(tmp_path, "plain", CLONE_ABI.replace("TARGET", "main:format_reply"))
     line = assert_error(run_hotpatch("info", plain), 2)
     assert "does not name a gcc clone" in line, line
+
+
+# --- item 4b: callers that rely on a local callee's registers (-fipa-ra) -------------
+IPA_RA_C = r"""
+#include <stdio.h>
+#include <stdlib.h>
+static __attribute__((noinline, noclone)) int scale(int v) { return (v ^ 0x5a5a) * 3 + 1000000; }
+__attribute__((noinline)) int combine(int x, int y)
+{
+    int keep = x * y + 7;      /* kept in a call-clobbered register across scale() */
+    return scale(x) + keep;
+}
+int main(void)
+{
+    char line[64];
+    printf("ready\n"); fflush(stdout);
+    while (fgets(line, sizeof line, stdin)) {
+        int x = atoi(line);
+        printf("%d\n", combine(x, x + 1)); fflush(stdout);
+    }
+    return 0;
+}
+"""
+
+# Follows the ABI, and writes every argument register as the ABI allows.
+CLOBBERING_SCALE = r"""
+#include <hotpatch.h>
+static int scale_v2(int v)
+{
+    __asm__ volatile("mov $-1, %%rcx; mov $-1, %%rdx; mov $-1, %%rsi; mov $-1, %%r8;"
+                     "pcmpeqd %%xmm1, %%xmm1" ::: "rcx", "rdx", "rsi", "r8", "xmm1");
+    return v * 5;
+}
+HOTPATCH_REPLACE("main:scale", scale_v2);
+"""
+
+STACK_ARGS_C = r"""
+#include <stdio.h>
+#include <stdlib.h>
+static __attribute__((noinline, noclone)) int sum8(int a, int b, int c, int d, int e, int f, int g, int h)
+{ return ((a ^ 0x5a5a) + b + c + d + e + f) * 3 + g * 7 + h; }
+__attribute__((noinline)) int outer(int x)
+{
+    int keep = x * x + 7;
+    return sum8(x, 1, 2, 3, 4, 5, x + 6, x * 7) + keep;
+}
+int main(void)
+{
+    char line[64];
+    printf("ready\n"); fflush(stdout);
+    while (fgets(line, sizeof line, stdin)) { printf("%d\n", outer(atoi(line))); fflush(stdout); }
+    return 0;
+}
+"""
+
+CLOBBERING_SUM8 = r"""
+#include <hotpatch.h>
+static int sum8_v2(int a, int b, int c, int d, int e, int f, int g, int h)
+{
+    __asm__ volatile("mov $-1, %%rcx; mov $-1, %%rdx; mov $-1, %%rsi; mov $-1, %%r8;"
+                     "mov $-1, %%r9; mov $-1, %%r10; mov $-1, %%r11; mov $-1, %%rdi"
+                     ::: "rcx", "rdx", "rsi", "r8", "r9", "r10", "r11", "rdi");
+    return a + b + c + d + e + f + g + h;
+}
+HOTPATCH_REPLACE("main:sum8", sum8_v2);
+"""
+
+
+_CLOBBERED = {**{r: r for r in ("rcx", "rdx", "rsi", "rdi", "r8", "r9", "r10", "r11")},
+              "ecx": "rcx", "edx": "rdx", "esi": "rsi", "edi": "rdi", "r8d": "r8", "r9d": "r9",
+              "r10d": "r10", "r11d": "r11", "cl": "rcx", "dl": "rdx", "sil": "rsi", "dil": "rdi"}
+_WRITE_ONLY = ("mov", "lea", "movzx", "movsx", "movsxd")
+
+
+def _caller_keeps_value_across_call(exe: Path, caller: str, callee: str) -> set[str]:
+    """Call-clobbered registers (rax aside) that ``caller`` reads after
+    ``call callee`` before writing them: values it keeps there across the
+    call, which the ABI alone would not allow -- gcc's -fipa-ra at work.
+    Read from objdump, independent of the tool's own analysis."""
+    out = subprocess.run(["objdump", "-d", "--no-show-raw-insn", "-M", "intel",
+                          f"--disassemble={caller}", str(exe)], capture_output=True, text=True,
+                         check=True).stdout
+    insns = [line.split("\t", 1)[1].split("#")[0].strip() for line in out.splitlines() if ":\t" in line]
+    at = next(i for i, text in enumerate(insns) if text.startswith("call") and f"<{callee}" in text)
+    written: set[str] = set()
+    kept: set[str] = set()
+    for text in insns[at + 1:]:
+        mnemonic, _, args = text.partition(" ")
+        if mnemonic.startswith(("call", "jmp", "ret")):
+            break
+        ops = [re.findall(r"\b\w+\b", op) for op in args.split(",")]
+        first = ops[0] if ops else []
+        read = [w for op in ops[1:] for w in op] + ([] if mnemonic in _WRITE_ONLY and len(first) == 1 else first)
+        kept |= {_CLOBBERED[w] for w in read if w in _CLOBBERED} - written
+        written |= {_CLOBBERED[w] for w in first if w in _CLOBBERED and len(first) == 1}
+    return kept
+
+
+@pytest.fixture(scope="module")
+def ipa_prog(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("ipa_ra")
+    exe = program(d, "calc", IPA_RA_C, "-O2", "-g")
+    kept = _caller_keeps_value_across_call(exe, "combine", "scale")
+    assert kept, "gcc no longer keeps a value in a call-clobbered register across scale()"
+    return exe
+
+
+def _expected(x: int, scale) -> int:
+    return scale(x) + x * (x + 1) + 7
+
+
+def test_ipa_ra_registers_preserved_for_callers(ipa_prog, tmp_path):
+    fix = patch(tmp_path, "fix", CLOBBERING_SCALE)
+    with Proc([str(ipa_prog)]) as t:
+        assert int(t.ask("5")) == _expected(5, lambda v: (v ^ 0x5a5a) * 3 + 1000000)
+        cp = run_hotpatch("apply", t.pid, fix)
+        assert_ok(cp)
+        for x in (5, -3, 1000):
+            assert int(t.ask(str(x))) == _expected(x, lambda v: v * 5), describe(cp)
+        assert_ok(run_hotpatch("revert", t.pid))
+        assert int(t.ask("5")) == _expected(5, lambda v: (v ^ 0x5a5a) * 3 + 1000000)
+
+
+def test_ipa_ra_refused_when_a_thunk_cannot_stand_in_front(tmp_path):
+    exe = program(tmp_path, "calc8", STACK_ARGS_C, "-O2", "-g")
+    fix = patch(tmp_path, "fix", CLOBBERING_SUM8)
+    if not _caller_keeps_value_across_call(exe, "outer", "sum8"):
+        pytest.skip("gcc kept nothing in a call-clobbered register across sum8() here")
+    with Proc([str(exe)]) as t:
+        before = t.ask("5")
+        line = assert_error(run_hotpatch("apply", t.pid, fix), 4)
+        assert "-fipa-ra" in line and "stack arguments" in line, line
+        assert t.ask("5") == before
