@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass
 
 from . import editions as ed
-from . import clobbers, clones, harness, loader, placement, trampoline, x86writer
+from . import clobbers, clones, harness, ifuncs, loader, placement, trampoline, x86writer
 from .errors import (BuildIdMismatch, HotpatchError, PatchMismatch, RemoteError, TargetGone,
                      TrampolineError)
 from .maps import read_maps
@@ -122,12 +122,13 @@ class PatchCycle:
         seen: dict[int, str] = {}
         for rep in self.patch.replacements:
             sym = syms.resolve(rep.target)
+            ifuncs.refuse_vdso(syms, sym)
             if sym.kind == "ifunc":
-                raise TrampolineError(
-                    f"{sym.qualified} is an IFUNC resolver; patch the implementation it selects instead")
+                ifuncs.refuse_resolver(syms, sym)
             if sym.kind != "func":
                 raise PatchMismatch(f"{sym.qualified} is not a function; it cannot be replaced")
             clones.refuse_undeclared(sym.qualified, rep.target, rep.clone_abi)
+            ifuncs.refuse_unselected(syms, sym, self.mem.read)
             if sym.addr in seen:
                 raise PatchMismatch(f"{rep.target} and {seen[sym.addr]} are the same function; replace it once")
             seen[sym.addr] = rep.target

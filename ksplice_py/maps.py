@@ -112,6 +112,15 @@ def mapped_files(pid: int, maps: list[Mapping] | None = None) -> list[MappedFile
     return sorted(by_path.values(), key=lambda f: f.start)
 
 
+VDSO = "[vdso]"
+
+
+def vdso(maps: list[Mapping]) -> MappedFile | None:
+    """The kernel's vDSO image, named ``[vdso]`` (it is no file)."""
+    found = [m for m in maps if m.path == VDSO]
+    return MappedFile(path=VDSO, name=VDSO, mappings=found) if found else None
+
+
 def find_mapping(maps: list[Mapping], addr: int) -> Mapping | None:
     for m in maps:
         if addr in m:

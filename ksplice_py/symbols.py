@@ -18,6 +18,7 @@ only when a lookup needs them.
 from __future__ import annotations
 
 import bisect
+import hashlib
 import os
 import pickle
 import struct
@@ -37,6 +38,7 @@ from .errors import (
     AmbiguousObject,
     AmbiguousSymbol,
     BadInput,
+    HotpatchError,
     RemoteError,
     SymbolNotFound,
     UnknownObject,
@@ -331,6 +333,24 @@ def _parse_file(host_path: str, build_id: str | None) -> _FileData:
     return data
 
 
+def _image_file(kind: str, image: bytes) -> str | None:
+    """An in-memory ELF image (the vDSO) as a file: content-addressed in the
+    cache, so pyelftools can read it and the symbol cache can key it."""
+    digest = hashlib.sha256(image).hexdigest()[:32]
+    path = cache_dir() / f"{kind}-{digest}.so"
+    try:
+        if path.is_file() and path.read_bytes() == image:
+            return str(path)
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".so")
+        with os.fdopen(fd, "wb") as f:
+            f.write(image)
+        os.replace(tmp, path)
+        return str(path)
+    except OSError:
+        return None
+
+
 # --- the cache -------------------------------------------------------------
 def cache_dir() -> Path:
     env = os.environ.get("KSPLICE_PY_CACHE")
@@ -428,8 +448,12 @@ class TargetSymbols:
         self._dynamic: dict[str, tuple[int, int]] = {}  # path -> PT_DYNAMIC (vaddr, memsz)
         self._data: dict[str, _FileData | str] = {}  # path -> data, or why it is unreadable
         self._funcs: dict[str, tuple[list[int], list[_Def], int]] = {}  # path -> function index
+        maps = _maps.read_maps(pid) if maps is None else maps
         found = [o for o in map(self._object_info, _maps.mapped_files(pid, maps)) if o is not None]
         self.objects: list[ObjectInfo] = self._search_order(found)
+        # The kernel's vDSO: named and symbolized, but outside the search
+        # order (ld.so binds nothing to it) and never patched.
+        self.vdso: ObjectInfo | None = self._vdso_info(maps)
         self._by_name: dict[str, ObjectInfo] = {}
         for o in self.objects:
             self._by_name.setdefault(o.name, o)  # two files, one basename: the first
@@ -448,8 +472,8 @@ class TargetSymbols:
         via_kernel = f"/proc/{self.pid}/map_files/{first.start:x}-{first.end:x}"
         return via_kernel if os.path.exists(via_kernel) else path
 
-    def _object_info(self, mf: _maps.MappedFile) -> ObjectInfo | None:
-        path = self._open_path(mf)
+    def _object_info(self, mf: _maps.MappedFile, path: str | None = None) -> ObjectInfo | None:
+        path = path or self._open_path(mf)
         if not _is_elf(path):
             return None  # locale-archive, caches, data files
         try:
@@ -468,6 +492,19 @@ class TargetSymbols:
         if hdr.dynamic:
             self._dynamic[mf.path] = hdr.dynamic
         return ObjectInfo(mf.name, mf.path, path, bias, hdr.build_id, mf.start, mf.end, hdr.soname)
+
+    def _vdso_info(self, maps: list[_maps.Mapping]) -> ObjectInfo | None:
+        """The [vdso] mapping as an object, read from the target's memory into
+        a content-addressed file of the cache (pyelftools reads files)."""
+        mf = _maps.vdso(maps)
+        if mf is None:
+            return None
+        try:
+            image = self.mem.read(mf.start, mf.end - mf.start)
+        except HotpatchError:
+            return None
+        path = _image_file("vdso", image)
+        return self._object_info(mf, path) if path else None
 
     def _search_order(self, objs: list[ObjectInfo]) -> list[ObjectInfo]:
         """The dynamic linker's global search order (its link_map chain), then
@@ -539,6 +576,8 @@ class TargetSymbols:
         obj = self._by_name.get(name)
         if obj is not None:
             return obj
+        if self.vdso is not None and name in self.vdso.names:
+            return self.vdso
         by_soname = [o for o in self.objects if o.soname == name]
         if len(by_soname) == 1:
             return by_soname[0]
@@ -641,7 +680,14 @@ class TargetSymbols:
             if d is None:
                 continue
             if d.kind == "ifunc":
-                return self._ifunc_target(obj, data, d)
+                target = self._ifunc_target(obj, data, d)
+                if target is None:
+                    shown = d.name + (f"@{d.version}" if d.version else "")
+                    raise UnsupportedPatch(
+                        f"cannot bind IFUNC {shown} from {obj.name}: process {self.pid} has no "
+                        f"resolved GOT slot for it yet; call it once in the target or avoid it "
+                        f"in the patch", symbol=d.name)
+                return target
             return obj.bias + d.value
         if weak:
             return None
@@ -658,9 +704,30 @@ class TargetSymbols:
             return (exact or [d for d in defs if d.version is None] or [None])[0]
         return next((d for d in defs if d.default_version), None)
 
-    def _ifunc_target(self, obj: ObjectInfo, data: _FileData, d: _Def) -> int:
+    def ifunc_selection(self, sym: Symbol) -> int | None:
+        """The address IFUNC ``sym`` resolved to in this process (an
+        implementation in its object, or in the vDSO); None while nothing in
+        the process has resolved it yet (a lazy PLT slot never called)."""
+        obj = self.object(sym.object)
+        data = self._load(obj, strict=True)
+        value = sym.addr - obj.bias
+        d = next((d for ds in data.by_name.values() for d in ds if d.value == value and d.kind == "ifunc"), None)
+        return self._ifunc_target(obj, data, d) if d is not None else None
+
+    def ifuncs_of(self, object_name: str) -> list[Symbol]:
+        """Every IFUNC (resolver) symbol of one object, one per address."""
+        obj = self.object(object_name)
+        data = self._load(obj, strict=True)
+        best: dict[int, _Def] = {}
+        for d in sorted((d for ds in data.by_name.values() for d in ds if d.kind == "ifunc"), key=_rank):
+            best.setdefault(d.value, d)
+        return [self._symbol(obj, d) for d in best.values()]
+
+    def _ifunc_target(self, obj: ObjectInfo, data: _FileData, d: _Def) -> int | None:
         """The implementation an IFUNC resolved to *in this process*: the
-        defining object's own IRELATIVE slot, else any already-bound GOT slot."""
+        defining object's own IRELATIVE slot, else any already-bound GOT slot
+        holding an address in that object or in the vDSO (glibc's time
+        functions resolve there)."""
         slot = data.irelative.get(d.value)
         if slot is not None:
             return self.mem.read_u64(obj.bias + slot)
@@ -673,18 +740,15 @@ class TargetSymbols:
                     continue
                 value = self.mem.read_u64(other.bias + off)
                 in_plt = any(other.bias + lo <= value < other.bias + hi for lo, hi in odata.plt)
-                if value and not in_plt and obj.start <= value < obj.end:
+                in_vdso = self.vdso is not None and self.vdso.start <= value < self.vdso.end
+                if value and not in_plt and (obj.start <= value < obj.end or in_vdso):
                     return value
-        shown = d.name + (f"@{d.version}" if d.version else "")
-        raise UnsupportedPatch(
-            f"cannot bind IFUNC {shown} from {obj.name}: process {self.pid} has no resolved "
-            f"GOT slot for it yet; call it once in the target or avoid it in the patch",
-            symbol=d.name)
+        return None
 
     # -- function_at ------------------------------------------------------
     def function_at(self, addr: int) -> Symbol | None:
         """The function symbol containing ``addr`` (for backtraces)."""
-        obj = next((o for o in self.objects if o.start <= addr < o.end), None)
+        obj = next((o for o in (*self.objects, *filter(None, [self.vdso])) if o.start <= addr < o.end), None)
         if obj is None:
             return None
         data = self._load(obj)
