@@ -23,6 +23,7 @@ import os
 import pickle
 import struct
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -32,7 +33,7 @@ from elftools.elf.gnuversions import GNUVerDefSection, GNUVerNeedSection, GNUVer
 from elftools.elf.relocation import RelocationSection
 from elftools.elf.sections import SymbolTableSection
 
-from . import clones
+from . import clones, debuginfod
 from . import maps as _maps
 from .errors import (
     AmbiguousObject,
@@ -258,10 +259,11 @@ def _merge(by_name: dict[str, list[_Def]], d: _Def) -> None:
 
 
 def _debug_file(build_id: str | None) -> str | None:
+    """The installed debug file of a build, else one debuginfod gave us."""
     if not build_id or len(build_id) < 3:
         return None
     path = f"{DEBUG_ROOT}/{build_id[:2]}/{build_id[2:]}.debug"
-    return path if os.path.isfile(path) else None
+    return path if os.path.isfile(path) else debuginfod.cached(cache_dir(), build_id)
 
 
 def _file_identity(path: str | None) -> tuple[str, int, int] | None:
@@ -448,6 +450,7 @@ class TargetSymbols:
         self._dynamic: dict[str, tuple[int, int]] = {}  # path -> PT_DYNAMIC (vaddr, memsz)
         self._data: dict[str, _FileData | str] = {}  # path -> data, or why it is unreadable
         self._funcs: dict[str, tuple[list[int], list[_Def], int]] = {}  # path -> function index
+        self._asked: set[str] = set()  # build-ids asked of debuginfod already
         maps = _maps.read_maps(pid) if maps is None else maps
         found = [o for o in map(self._object_info, _maps.mapped_files(pid, maps)) if o is not None]
         self.objects: list[ObjectInfo] = self._search_order(found)
@@ -622,25 +625,21 @@ class TargetSymbols:
 
     # -- resolve ----------------------------------------------------------
     def resolve(self, target: str) -> Symbol:
-        """``"sym"``, ``"object:sym"`` (or ``sym@VERSION``) -> the one symbol it names."""
+        """``"sym"``, ``"object:sym"`` (or ``sym@VERSION``) -> the one symbol it names.
+        A name found nowhere is looked for again in debug files from
+        debuginfod (``DEBUGINFOD_URLS``), for stripped programs."""
         obj_name, name, version = _split_target(target)
         shown = name + (f"@{version}" if version else "")
-        if obj_name is not None:
-            obj = self.object(obj_name)
-            data = self._load(obj, strict=True)
-            found = [(obj, d) for d in _pick(data.by_name.get(name, []), version)]
-            if not found:
+        objects = [self.object(obj_name)] if obj_name is not None else self.objects
+        found = self._find(objects, name, version, strict=obj_name is not None)
+        if not found and self._fetch_debug(objects):
+            found = self._find(objects, name, version, strict=obj_name is not None)
+        if not found:
+            if obj_name is not None:
                 self._refuse_missing(f"{obj_name} in process {self.pid} has no symbol {shown!r}",
-                                     name, [obj], object=obj_name)
-        else:
-            found = []
-            for obj in self.objects:
-                data = self._load(obj)
-                if data is not None:
-                    found += [(obj, d) for d in _pick(data.by_name.get(name, []), version)]
-            if not found:
-                self._refuse_missing(f"no object in process {self.pid} defines symbol {shown!r}",
-                                     name, self.objects)
+                                     name, objects, object=obj_name)
+            self._refuse_missing(f"no object in process {self.pid} defines symbol {shown!r}",
+                                 name, objects)
         if len(found) > 1:
             cands = [f"{o.name}:{name} ({d.binding} {d.kind} at {o.bias + d.value:#x})" for o, d in found]
             if len({o.name for o, _ in found}) > 1:
@@ -653,6 +652,34 @@ class TargetSymbols:
                 symbol=name, candidates=[f"{o.name}:{name}" for o, _ in found])
         obj, d = found[0]
         return self._symbol(obj, d)
+
+    def _find(self, objects: list[ObjectInfo], name: str, version: str | None,
+              strict: bool) -> list[tuple[ObjectInfo, _Def]]:
+        found = []
+        for obj in objects:
+            data = self._load(obj, strict=strict)
+            if data is not None:
+                found += [(obj, d) for d in _pick(data.by_name.get(name, []), version)]
+        return found
+
+    def _fetch_debug(self, objects: list[ObjectInfo]) -> bool:
+        """Fetch debug files for those of ``objects`` that have none, within
+        one DEBUGINFOD_TIMEOUT; True if any arrived (their symbols reloaded)."""
+        if not debuginfod.urls():
+            return False
+        deadline = time.monotonic() + debuginfod.timeout()
+        fetched = False
+        for obj in objects:
+            data = self._load(obj)
+            if data is None or data.debug_file is not None or not obj.build_id \
+                    or obj.build_id in self._asked:
+                continue
+            self._asked.add(obj.build_id)
+            if debuginfod.fetch(obj.build_id, cache_dir(), deadline):
+                del self._data[obj.path]
+                self._funcs.pop(obj.path, None)
+                fetched = self._load(obj) is not None or fetched
+        return fetched
 
     def _refuse_missing(self, what: str, name: str, objects: list[ObjectInfo], **details) -> None:
         """SymbolNotFound; when gcc replaced the function by clones with a
