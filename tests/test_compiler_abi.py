@@ -135,6 +135,19 @@ static int scale_v2(int v)
 HOTPATCH_REPLACE("main:scale", scale_v2);
 """
 
+# A wrapper: calls the original through its stub, and clobbers on the way back.
+CLOBBERING_WRAP = r"""
+#include <hotpatch.h>
+static int (*scale_orig)(int);
+static int scale_wrap(int v)
+{
+    int r = scale_orig(v);
+    __asm__ volatile("mov $-1, %%rdx; mov $-1, %%rsi" ::: "rdx", "rsi");
+    return r + 1;
+}
+HOTPATCH_WRAP("main:scale", scale_wrap, scale_orig);
+"""
+
 STACK_ARGS_C = r"""
 #include <stdio.h>
 #include <stdlib.h>
@@ -220,6 +233,15 @@ def test_ipa_ra_registers_preserved_for_callers(ipa_prog, tmp_path):
             assert int(t.ask(str(x))) == _expected(x, lambda v: v * 5), describe(cp)
         assert_ok(run_hotpatch("revert", t.pid))
         assert int(t.ask("5")) == _expected(5, lambda v: (v ^ 0x5a5a) * 3 + 1000000)
+
+
+def test_ipa_ra_registers_preserved_around_a_wrapper(ipa_prog, tmp_path):
+    fix = patch(tmp_path, "wrap", CLOBBERING_WRAP)
+    original = lambda v: (v ^ 0x5a5a) * 3 + 1000000  # noqa: E731
+    with Proc([str(ipa_prog)]) as t:
+        assert_ok(run_hotpatch("apply", t.pid, fix))
+        for x in (5, -3, 1000):
+            assert int(t.ask(str(x))) == _expected(x, lambda v: original(v) + 1)
 
 
 def test_ipa_ra_refused_when_a_thunk_cannot_stand_in_front(tmp_path):
