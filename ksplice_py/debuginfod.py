@@ -33,19 +33,20 @@ def urls() -> list[str]:
 
 
 def timeout() -> float:
-    try:
-        value = float(os.environ.get("DEBUGINFOD_TIMEOUT", DEFAULT_TIMEOUT))
-    except ValueError:
-        return DEFAULT_TIMEOUT
-    return value if value > 0 else DEFAULT_TIMEOUT
+    return _positive("DEBUGINFOD_TIMEOUT", DEFAULT_TIMEOUT, float)
 
 
 def _maxsize() -> int:
+    return _positive("DEBUGINFOD_MAXSIZE", DEFAULT_MAXSIZE, int)
+
+
+def _positive(name: str, default, kind):
+    """A positive number from the environment; ``default`` if unset or not one."""
     try:
-        value = int(os.environ.get("DEBUGINFOD_MAXSIZE", DEFAULT_MAXSIZE))
+        value = kind(os.environ.get(name, default))
     except ValueError:
-        return DEFAULT_MAXSIZE
-    return value if value > 0 else DEFAULT_MAXSIZE
+        return default
+    return value if value > 0 else default
 
 
 def cache_file(cache_root: Path, build_id: str) -> Path:

@@ -427,6 +427,11 @@ def _pick(defs: list[_Def], version: str | None) -> list[_Def]:
     return list(best.values())
 
 
+def _defs_at(data: _FileData, value: int) -> list[_Def]:
+    """Every definition (all names, aliases included) at one link-time address."""
+    return [d for ds in data.by_name.values() for d in ds if d.value == value]
+
+
 def _split_target(target: str) -> tuple[str | None, str, str | None]:
     obj, sep, sym = target.rpartition(":")
     if not sep:
@@ -737,18 +742,12 @@ class TargetSymbols:
         the process has resolved it yet (a lazy PLT slot never called)."""
         obj = self.object(sym.object)
         data = self._load(obj, strict=True)
-        value = sym.addr - obj.bias
-        d = next((d for ds in data.by_name.values() for d in ds if d.value == value and d.kind == "ifunc"), None)
+        d = next((d for d in _defs_at(data, sym.addr - obj.bias) if d.kind == "ifunc"), None)
         return self._ifunc_target(obj, data, d) if d is not None else None
 
     def ifuncs_of(self, object_name: str) -> list[Symbol]:
         """Every IFUNC (resolver) symbol of one object, one per address."""
-        obj = self.object(object_name)
-        data = self._load(obj, strict=True)
-        best: dict[int, _Def] = {}
-        for d in sorted((d for ds in data.by_name.values() for d in ds if d.kind == "ifunc"), key=_rank):
-            best.setdefault(d.value, d)
-        return [self._symbol(obj, d) for d in best.values()]
+        return [s for s in self.functions_of(object_name) if s.kind == "ifunc"]
 
     def _ifunc_target(self, obj: ObjectInfo, data: _FileData, d: _Def) -> int | None:
         """The implementation an IFUNC resolved to *in this process*: the
@@ -807,8 +806,7 @@ class TargetSymbols:
         data = self._load(obj)
         if obj.name == "main" or data is None:
             return True
-        value = sym.addr - obj.bias
-        return any(d.value == value and not d.exported for ds in data.by_name.values() for d in ds)
+        return any(not d.exported for d in _defs_at(data, sym.addr - obj.bias))
 
     def functions_of(self, object_name: str) -> list[Symbol]:
         """Every function of one object (one name per address), e.g. for a
