@@ -58,7 +58,11 @@ class UnknownObject(PatchMismatch):
 
 
 class AmbiguousObject(PatchMismatch):
-    """A SONAME that more than one mapped file carries."""
+    """A SONAME that more than one mapped file carries; ``candidates`` names them."""
+
+    def __init__(self, message: str, object: str, candidates: list[str]) -> None:
+        super().__init__(message)
+        self.object, self.candidates = object, list(candidates)
 
 
 class BuildIdMismatch(PatchMismatch):
@@ -72,6 +76,10 @@ class TrampolineError(PatchMismatch):
 class CloneAbiMismatch(PatchMismatch):
     """A gcc clone (.constprop/.isra/.part) targeted by a patch that did not
     declare it was written for the clone's ABI."""
+
+    def __init__(self, message: str, symbol: str) -> None:
+        super().__init__(message)
+        self.symbol = symbol
 
 
 class UnsupportedPatch(PatchMismatch):

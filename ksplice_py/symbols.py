@@ -696,7 +696,7 @@ class TargetSymbols:
                 f"{what}, but gcc made clones of it with a changed ABI: {', '.join(found)}; "
                 f"patch a clone only with a replacement written for its ABI, declared with "
                 f"HOTPATCH_CLONE_ABI (see docs/compiler-abi.md)",
-                symbol=name, clones=found, **details)
+                symbol=name, **details)
         raise SymbolNotFound(f"{what} (check the name, or install its debug symbols for "
                              f"static functions)", symbol=name, **details)
 
