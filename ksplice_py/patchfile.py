@@ -701,7 +701,7 @@ class _Parser:
 
     def make_pin(self, obj: str, hexptr: int | None, what: str) -> BuildIdPin:
         if not obj or ":" in obj:
-            raise self.bad(f"HOTPATCH_BUILD_ID {what}: object {obj!r} must be a file basename or 'main'")
+            raise self.bad(f"HOTPATCH_BUILD_ID {what}: object {obj!r} must be a file basename, a SONAME or 'main'")
         if hexptr is None:
             raise self.bad(f"HOTPATCH_BUILD_ID {what}: build-id pointer has no relocation")
         hexid = self.cstring(hexptr, f"HOTPATCH_BUILD_ID {what} build-id").lower()
