@@ -4,6 +4,7 @@ values in call-clobbered registers across a call (-fipa-ra)."""
 from __future__ import annotations
 
 import re
+import time
 import subprocess
 from pathlib import Path
 
@@ -254,3 +255,72 @@ def test_ipa_ra_refused_when_a_thunk_cannot_stand_in_front(tmp_path):
         line = assert_error(run_hotpatch("apply", t.pid, fix), 4)
         assert "-fipa-ra" in line and "stack arguments" in line, line
         assert t.ask("5") == before
+
+
+# A thread parked in the new code, called through the thunk: the thunk is part
+# of the edition, so a revert must wait for it (unmapping it would crash the
+# target when the new code returns).
+PARKED_C = r"""
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <unistd.h>
+volatile int release_parked;
+static volatile int zero;  /* keeps scale() from being a const function gcc calls once */
+static __attribute__((noinline, noclone)) int scale(int v) { return (v ^ 0x5a5a) * 3 + 1000000 + zero; }
+__attribute__((noinline)) int combine(int x, int y)
+{
+    int keep = x * y + 7;
+    return scale(x) + keep;
+}
+static volatile int worker_result;
+static void *worker(void *arg)
+{
+    (void)arg;
+    for (;;) { worker_result = combine(2, 3); usleep(1000); }
+    return NULL;
+}
+int main(void)
+{
+    char line[64];
+    pthread_t t;
+    pthread_create(&t, NULL, worker, NULL);
+    printf("ready\n"); fflush(stdout);
+    while (fgets(line, sizeof line, stdin)) {
+        if (line[0] == 'r') release_parked = 1;
+        printf("%d %d\n", combine(atoi(line + 1), atoi(line + 1) + 1), worker_result); fflush(stdout);
+    }
+    return 0;
+}
+"""
+
+PARKING_SCALE = r"""
+#include <hotpatch.h>
+#include <unistd.h>
+static volatile int *release;
+static int scale_v2(int v)
+{
+    while (!*release) usleep(1000);        /* an import: every register may be written */
+    __asm__ volatile("mov $-1, %%rdx; mov $-1, %%rsi" ::: "rdx", "rsi");
+    return v * 5;
+}
+HOTPATCH_REPLACE("main:scale", scale_v2);
+HOTPATCH_SYMBOL("main:release_parked", release);
+"""
+
+
+def test_revert_waits_for_a_thread_inside_the_thunk(tmp_path):
+    exe = program(tmp_path, "parked", PARKED_C, "-O2", "-g", "-pthread")
+    assert _caller_keeps_value_across_call(exe, "combine", "scale")
+    fix = patch(tmp_path, "park", PARKING_SCALE)
+    with Proc([str(exe)]) as t:
+        assert_ok(run_hotpatch("apply", t.pid, fix))
+        time.sleep(0.2)  # the worker is now parked in scale_v2, called by the thunk
+        line = assert_error(run_hotpatch("revert", t.pid, "--timeout", "0.5"), 3)
+        assert "return address into edition 1" in line, line
+        # released: results are right (the thunk kept combine's registers), then revert
+        assert t.ask("r5").split()[0] == str(_expected(5, lambda v: v * 5))
+        assert_ok(run_hotpatch("revert", t.pid, "--timeout", "5"))
+        time.sleep(0.05)
+        original = lambda v: (v ^ 0x5a5a) * 3 + 1000000  # noqa: E731
+        assert t.ask("x5").split() == [str(_expected(5, original)), str(_expected(2, original))]
