@@ -113,6 +113,7 @@ class PatchCycle:
         self.attempts = 0
         self._mapped = False
         self._switched = False
+        self._ifunc_candidates: dict[str, dict[int, list[Symbol]]] = {}  # per object
 
     # -- prepare --------------------------------------------------------------
     def prepare(self) -> None:
@@ -122,13 +123,7 @@ class PatchCycle:
         seen: dict[int, str] = {}
         for rep in self.patch.replacements:
             sym = syms.resolve(rep.target)
-            ifuncs.refuse_vdso(syms, sym)
-            if sym.kind == "ifunc":
-                ifuncs.refuse_resolver(syms, sym)
-            if sym.kind != "func":
-                raise PatchMismatch(f"{sym.qualified} is not a function; it cannot be replaced")
-            clones.refuse_undeclared(sym.qualified, rep.target, rep.clone_abi)
-            ifuncs.refuse_unselected(syms, sym, self.mem.read)
+            self._refuse_wrong_target(rep, sym)
             if sym.addr in seen:
                 raise PatchMismatch(f"{rep.target} and {seen[sym.addr]} are the same function; replace it once")
             seen[sym.addr] = rep.target
@@ -149,6 +144,21 @@ class PatchCycle:
             pins={p.object: p.build_id for p in self.patch.pins}, prepared_at=time.time(),
             staged=self.staged, harnesses=[h.name for h in chosen])
         self._write_record()
+
+    def _refuse_wrong_target(self, rep: Replacement, sym: Symbol) -> None:
+        """Refuse what would be a success that does nothing (the vDSO, an
+        IFUNC resolver or an implementation it did not pick) or a silently
+        wrong one (a gcc clone with another ABI)."""
+        syms = self.proc.symbols
+        ifuncs.refuse_vdso(syms, sym)
+        if sym.kind == "ifunc":
+            ifuncs.refuse_resolver(syms, sym)
+        if sym.kind != "func":
+            raise PatchMismatch(f"{sym.qualified} is not a function; it cannot be replaced")
+        clones.refuse_undeclared(sym.qualified, rep.target, rep.clone_abi)
+        if sym.object not in self._ifunc_candidates:
+            self._ifunc_candidates[sym.object] = ifuncs.candidates(syms, sym.object, self.mem.read)
+        ifuncs.refuse_unselected(syms, sym, self._ifunc_candidates[sym.object].get(sym.addr, []))
 
     def _check_pins(self) -> None:
         for pin in self.patch.pins:

@@ -62,14 +62,22 @@ def refuse_resolver(syms: TargetSymbols, sym: Symbol) -> None:
 ReadMemory = Callable[[int, int], bytes]
 
 
-def refuse_unselected(syms: TargetSymbols, sym: Symbol, read: ReadMemory) -> None:
-    """``sym`` is one of the implementations an IFUNC of its object chooses
-    from, and no IFUNC that lists it chose it in this process: calls through
-    those IFUNCs never reach it. ``read(addr, size)`` reads target memory."""
+def candidates(syms: TargetSymbols, object_name: str, read: ReadMemory) -> dict[int, list[Symbol]]:
+    """Implementation address -> the IFUNCs of ``object_name`` whose resolver
+    may return it. Computed once per object and patch (libc: ~50 resolvers)."""
+    out: dict[int, list[Symbol]] = {}
+    for ifunc in syms.ifuncs_of(object_name):
+        for addr in _candidates(ifunc, read):
+            out.setdefault(addr, []).append(ifunc)
+    return out
+
+
+def refuse_unselected(syms: TargetSymbols, sym: Symbol, listed_by: list[Symbol]) -> None:
+    """``sym`` is one of the implementations the IFUNCs ``listed_by`` (see
+    ``candidates``) choose from, and none of them chose it in this process:
+    calls through those IFUNCs never reach it."""
     chosen_instead: list[str] = []
-    for ifunc in syms.ifuncs_of(sym.object):
-        if sym.addr not in _candidates(ifunc, read):
-            continue
+    for ifunc in listed_by:
         chosen = syms.ifunc_selection(ifunc)
         if chosen is None or chosen == sym.addr:
             return  # not resolved yet (may still pick it), or picked it
