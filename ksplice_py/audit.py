@@ -21,8 +21,14 @@ import pwd
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 from .errors import BadInput
+
+if TYPE_CHECKING:
+    from .editions import Edition
+    from .patchfile import PatchFile
+    from .target import Target
 
 try:  # not every Python build ships it; never a reason to fail
     import syslog
@@ -70,15 +76,15 @@ class AuditRecord:
     tool_pid: int = field(default_factory=os.getpid)
 
     # -- filled in by the CLI as it learns things ---------------------------------
-    def target(self, proc) -> None:
-        self.pid, self.exe = proc.pid, proc.exe
-        self.target_start_time = getattr(proc, "start_time", None)
+    def target(self, target: Target) -> None:
+        self.pid, self.exe = target.pid, target.exe
+        self.target_start_time = target.handle.start_time
 
-    def patch_file(self, patch) -> None:
+    def patch_file(self, patch: PatchFile) -> None:
         self.patch, self.sha256 = os.path.abspath(patch.name), patch.sha256
         self.functions = [r.target for r in patch.replacements]
 
-    def edition_done(self, e) -> None:
+    def edition_done(self, e: Edition) -> None:
         self.edition = e.id
         if not self.patch:
             self.patch, self.sha256 = e.patch, e.sha256

@@ -1,6 +1,6 @@
 """`hotpatch`: a thin layer that parses, calls the library, and prints.
 
-Exit codes (design.md): 0 done, 2 bad usage/input, 3 no safe moment,
+Exit codes (docs/design.md): 0 done, 2 bad usage/input, 3 no safe moment,
 4 patch does not fit, 1 anything else. Errors are one line on stderr.
 
 Hardening (docs/security.md): patch files are read once through trust.py
@@ -23,22 +23,18 @@ from .patchfile import PatchFile, cflags
 from .process import Process, attach
 
 
-class _Usage(errors.BadInput):
-    pass
-
-
 class Interrupted(BaseException):
     """SIGTERM/SIGINT: unwind through every cleanup path, then exit 1."""
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit 2, no usage dump
-        raise _Usage(f"{message} (see hotpatch --help)")
+        raise errors.UsageError(f"{message} (see hotpatch --help)")
 
 
 def _pid(text: str) -> int:
     if not text.isdigit():
-        raise _Usage(f"pid must be a number, not {text!r}")
+        raise errors.UsageError(f"pid must be a number, not {text!r}")
     return int(text)
 
 
@@ -46,9 +42,9 @@ def _seconds(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise _Usage(f"--timeout takes seconds, not {text!r}") from None
+        raise errors.UsageError(f"--timeout takes seconds, not {text!r}") from None
     if not 0 < value <= 86400:
-        raise _Usage("--timeout must be between 0 and 86400 seconds")
+        raise errors.UsageError("--timeout must be between 0 and 86400 seconds")
     return value
 
 
@@ -146,7 +142,7 @@ def _patch(a) -> PatchFile:
 
 def _attach(a) -> Process:
     proc = attach(_pid(a.pid))
-    a.audit.target(proc)
+    a.audit.target(proc.target)
     return proc
 
 
@@ -169,7 +165,7 @@ def do_apply(a) -> tuple[dict, str]:
     return e.to_dict() | {"pid": int(a.pid)}, text
 
 
-def do_check(a) -> tuple[dict, str]:
+def do_check(a) -> tuple[dict, str] | tuple[dict, str, int]:
     patch = _patch(a)
     with _attach(a) as proc:
         r = proc.check(patch, harnesses=_choice(a))
@@ -200,7 +196,7 @@ def _edition_id(text: str | None) -> int | None:
     if text is None:
         return None
     if not text.isdigit():
-        raise _Usage(f"edition id must be a number, not {text!r}")
+        raise errors.UsageError(f"edition id must be a number, not {text!r}")
     return int(text)
 
 
@@ -324,7 +320,7 @@ def _run(argv: list[str], as_json: bool, session: _Session) -> tuple[int, str | 
     try:
         args = build_parser().parse_args(argv)
         if not args.command:
-            raise _Usage("no command given")
+            raise errors.UsageError("no command given")
         session.record.action = args.command
         args.audit = session.record
         if args.command in audit.AUDITED:
@@ -335,7 +331,7 @@ def _run(argv: list[str], as_json: bool, session: _Session) -> tuple[int, str | 
         print(json.dumps(data, indent=2) if as_json else text)
         return (code[0] if code else 0), None, None
     except errors.HotpatchError as e:
-        return e.exit_code, str(e), e.details
+        return e.exit_code, str(e), e.to_dict()
     except Interrupted as e:
         return 1, f"interrupted by {e}; the target was left running and unchanged", None
     except SystemExit as e:  # --help

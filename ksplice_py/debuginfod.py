@@ -23,6 +23,8 @@ from pathlib import Path
 
 from elftools.elf.elffile import ELFFile
 
+from .resources import cache_dir
+
 DEFAULT_TIMEOUT = 10.0
 DEFAULT_MAXSIZE = 2 << 30
 _CHUNK = 1 << 20
@@ -49,35 +51,35 @@ def _positive(name: str, default, kind):
     return value if value > 0 else default
 
 
-def cache_file(cache_root: Path, build_id: str) -> Path:
-    return cache_root / "debuginfod" / f"{build_id}.debug"
+def cache_file(build_id: str) -> Path:
+    return cache_dir() / "debuginfod" / f"{build_id}.debug"
 
 
-def cached(cache_root: Path, build_id: str) -> str | None:
+def cached(build_id: str) -> str | None:
     """A debug file fetched before: ours, else the elfutils client's cache."""
     elfutils = Path(os.environ.get("DEBUGINFOD_CACHE_PATH")
                     or Path.home() / ".cache" / "debuginfod_client") / build_id / "debuginfo"
-    for path in (cache_file(cache_root, build_id), elfutils):
+    for path in (cache_file(build_id), elfutils):
         if path.is_file():
             return str(path)
     return None
 
 
-def fetch(build_id: str, cache_root: Path, deadline: float) -> str | None:
+def fetch(build_id: str, deadline: float) -> str | None:
     """Ask each server in turn, until ``deadline`` (time.monotonic());
     the cached path of the debug file, or None."""
     for url in urls():
         left = deadline - time.monotonic()
         if left <= 0:
             break
-        path = _download(f"{url.rstrip('/')}/buildid/{build_id}/debuginfo", build_id, cache_root, left)
+        path = _download(f"{url.rstrip('/')}/buildid/{build_id}/debuginfo", build_id, left)
         if path is not None:
             return path
     return None
 
 
-def _download(url: str, build_id: str, cache_root: Path, left: float) -> str | None:
-    dest = cache_file(cache_root, build_id)
+def _download(url: str, build_id: str, left: float) -> str | None:
+    dest = cache_file(build_id)
     try:
         dest.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".tmp-", suffix=".debug")

@@ -121,13 +121,6 @@ def vdso(maps: list[Mapping]) -> MappedFile | None:
     return MappedFile(path=VDSO, name=VDSO, mappings=found) if found else None
 
 
-def find_mapping(maps: list[Mapping], addr: int) -> Mapping | None:
-    for m in maps:
-        if addr in m:
-            return m
-    return None
-
-
 def host_path(pid: int, path: str) -> str:
     """Where *we* can open a file the target has mapped: through the target's
     root, so objects inside another mount namespace are found too."""

@@ -7,21 +7,25 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import re
 import sys
 import tempfile
 from functools import lru_cache
 from pathlib import Path
 
 from . import resources
+from .resources import cache_dir
 
 NATIVE_SRC = resources.csrc() / "native"
 
 
-def cache_dir() -> Path:
-    base = os.environ.get("KSPLICE_PY_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "ksplice_py"
-    )
-    return Path(base)
+@lru_cache(maxsize=1)
+def header_constants() -> dict[str, int]:
+    """The header's integer ``#define KP_*`` (verdicts, thread states,
+    options): the numbers cffi gives the compiled module, read from the text
+    so that a caller needs no compiler (cffi's parser costs 0.3 s)."""
+    text = (NATIVE_SRC / "kp_native.h").read_text()
+    return {m[1]: int(m[2], 0) for m in re.finditer(r"^#define\s+(KP_\w+)\s+(\w+)", text, re.M)}
 
 
 def _cdef(header: str) -> str:

@@ -11,19 +11,19 @@ import os
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Callable
 
 from . import editions as ed
-from . import trust
+from . import operations, trust
 from .cycle import HarnessChoice, PatchCycle
-from .errors import AccessDenied, BadInput, HotpatchError, RemoteError, TargetGone
-from .identity import TargetHandle, check_architecture
-from .maps import exe_path, read_maps
+from .errors import AccessDenied, HotpatchError, TargetGone
+from .identity import TargetHandle
+from .lifecycle import State
 from .memory import RemoteMemory
 from .patchfile import PatchFile
 from .quiescence import Blocker
 from .symbols import TargetSymbols
-from .tracer import Injector, check_target
-from .transition import APPLY, REVERT, Transition, unmap_regions
+from .target import Target
 
 
 @dataclass
@@ -50,78 +50,43 @@ def _lock_dir() -> str:
     return tempfile.gettempdir()
 
 
-class _GuardedCycle(PatchCycle):
-    """The patch cycle, with the target's identity re-checked before each
-    phase that writes into it (identity.py), and no abort into a process
-    that is no longer ours."""
-
-    def prepare(self) -> None:
-        self.proc.verify("preparing the patch")
-        super().prepare()
-
-    def apply(self) -> None:
-        self.proc.verify("loading the patch")
-        super().apply()
-
-    def finalize(self) -> None:
-        self.proc.verify("finalizing the patch")
-        super().finalize()
-
-    def cutover(self, timeout: float) -> ed.Edition:
-        self.proc.verify("switching")
-        return super().cutover(timeout)
-
-    def abort(self) -> None:
-        if self.proc.same_process():
-            super().abort()
-        else:  # its memory went with it; never unmap in whoever has the pid now
-            self._mapped = False
-
-
 class Process:
-    """A running target. Holds no ptrace attachment between operations, but
-    holds the process itself (a pidfd) from attach to close."""
+    """A running target: the public front door. Holds no ptrace attachment
+    between operations, but holds the process itself (a pidfd) from attach
+    to close. The engine below works on its ``target`` (target.py)."""
 
     def __init__(self, pid: int) -> None:
-        self.handle = TargetHandle(pid)  # first: from here on it is *this* process
-        try:
-            check_target(pid)
-            check_architecture(pid)
-            self.pid = pid
-            self.exe = exe_path(pid)
-            self.mem = RemoteMemory(pid)
-            try:  # bound to this address space: writes never reach another process
-                self.mem.mem_fd()
-            except HotpatchError:
-                pass  # not writable (read-only use): opened, and refused, when needed
-            self.handle.verify()
-        except BaseException:
-            self.handle.close()
-            raise
-        self._symbols: TargetSymbols | None = None
+        self.target = Target(pid)
+        self.pid = pid
+
+    @property
+    def exe(self) -> str:
+        return self.target.exe
+
+    @property
+    def mem(self) -> RemoteMemory:
+        return self.target.mem
+
+    @property
+    def handle(self) -> TargetHandle:
+        return self.target.handle
 
     @property
     def start_time(self) -> int:
         """Field 22 of /proc/PID/stat at attach: with the pid, names this process."""
-        return self.handle.start_time
+        return self.target.handle.start_time
+
+    @property
+    def symbols(self) -> TargetSymbols:
+        return self.target.symbols
 
     def verify(self, doing: str = "") -> None:
         """Raise TargetGone (PidReused) unless the pid still names the process
         attached to, running the same program."""
-        self.handle.verify(doing)
+        self.target.verify(doing)
 
     def same_process(self) -> bool:
-        try:
-            self.handle.verify()
-        except HotpatchError:
-            return False
-        return True
-
-    @property
-    def symbols(self) -> TargetSymbols:
-        if self._symbols is None:
-            self._symbols = TargetSymbols(self.pid, self.mem)
-        return self._symbols
+        return self.target.same_process()
 
     # -- operations -----------------------------------------------------------
     def apply(self, patch: str | PatchFile, timeout: float = 5.0,
@@ -130,23 +95,19 @@ class Process:
         no safe moment came within ``timeout`` seconds."""
         patch = _load(patch)
         with self._locked("applying the patch"):
-            self._recover(timeout)
-            cycle = _GuardedCycle(self, patch, harnesses=harnesses)
-            edition = cycle.run(timeout)
-            edition.attempts = cycle.attempts
+            operations.recover(self.target, timeout)
+            edition = PatchCycle(self.target, patch, harnesses=harnesses).run(timeout)
         self.verify("applying")
         return edition
 
     def check(self, patch: str | PatchFile, harnesses: HarnessChoice | None = None) -> CheckReport:
-        """prepare + apply + finalize + one quiescence probe, then abort."""
+        """stage (prepare, link, finalize) + one quiescence probe, then abort."""
         patch = _load(patch)
         with self._locked("checking the patch"):
-            self._recover()
-            cycle = _GuardedCycle(self, patch, harnesses=harnesses)
+            operations.recover(self.target)
+            cycle = PatchCycle(self.target, patch, harnesses=harnesses)
             try:
-                cycle.prepare()
-                cycle.apply()
-                cycle.finalize()
+                cycle.stage()
                 result = cycle.probe()
             finally:
                 cycle.abort()
@@ -160,137 +121,58 @@ class Process:
         target keeps running the old code until ``cutover``."""
         patch = _load(patch)
         with self._locked("preparing the patch"):
-            self._recover()
-            cycle = _GuardedCycle(self, patch, staged=True, harnesses=harnesses)
+            operations.recover(self.target)
+            cycle = PatchCycle(self.target, patch, staged=True, harnesses=harnesses)
             try:
-                cycle.prepare()
-                cycle.apply()
-                cycle.finalize()
+                edition = cycle.stage()
             except BaseException:
                 cycle.abort()
                 raise
         self.verify("preparing")
-        return cycle.edition
+        return edition
 
     def cutover(self, edition_id: int | None = None, timeout: float = 5.0) -> ed.Edition:
         """Switch a prepared edition (the newest prepared one by default)."""
-        with self._locked("switching"):
-            self._recover()
-            e = self._pick(edition_id, "prepared")
-            t = Transition(self, e, APPLY)
-            self.verify("switching")
-            t.start(timeout)
-        self.verify("switching")
-        return e
+        return self._on_edition(edition_id, State.PREPARED, "switching",
+                                lambda e: operations.cutover(self.target, e, timeout))
 
     def abort(self, edition_id: int | None = None) -> ed.Edition:
         """Discard a prepared edition; its memory leaves the target."""
-        with self._locked("aborting"):
-            self._recover()
-            e = self._pick(edition_id, "prepared")
-            self.verify("aborting")
-            unmap_regions(self, e.regions)
-        self.verify("aborting")
-        return e
+        return self._on_edition(edition_id, State.PREPARED, "aborting",
+                                lambda e: operations.abort(self.target, e.regions))
 
     def revert(self, edition_id: int | None = None, timeout: float = 5.0) -> ed.Edition:
         """Undo an applied edition (the newest by default): a cutover in
         reverse, quiescence checked against the new code, then its memory
         is freed. Refused while a newer edition replaces the same functions."""
-        with self._locked("reverting"):
-            self._recover()
-            e = self._pick(edition_id, "applied")
-            t = Transition(self, e, REVERT)
-            self.verify("reverting")
-            t.start(timeout)
-        self.verify("reverting")
+        return self._on_edition(edition_id, State.APPLIED, "reverting",
+                                lambda e: operations.revert(self.target, e, timeout))
+
+    def _on_edition(self, edition_id: int | None, state: State, doing: str,
+                    act: Callable[[ed.Edition], object]) -> ed.Edition:
+        """Lock, recover, find the edition (which must be in ``state``), act."""
+        with self._locked(doing):
+            operations.recover(self.target)
+            e = operations.find(self.target, edition_id, state)
+            act(e)
+        self.verify(doing)
         return e
 
     def recover(self, timeout: float = 5.0) -> list[str]:
         """Finish or undo whatever an interrupted tool left behind."""
         with self._locked("recovering"):
-            done = self._recover(timeout)
+            done = operations.recover(self.target, timeout)
         self.verify("recovering")
         return done
 
     def editions(self) -> list[ed.Edition]:
         """Editions applied or prepared in the target, newest first."""
-        self.verify()
-        eds = ed.list_editions(self.mem, read_maps(self.pid))[0]
-        self.verify("reading its editions")  # what we read was this process's
-        return eds
+        return self.target.editions()
 
     def symbolize(self, addr: int, return_address: bool = False) -> str:
-        """``object:function+0xoff`` for an address in the target. A return
-        address is looked up at ``addr - 1``: after a call to a function that
-        never returns it lies just past its caller's last byte."""
-        try:
-            sym = self.symbols.function_at(addr - 1 if return_address else addr)
-        except HotpatchError:
-            sym = None
-        return f"{sym.qualified}+{addr - sym.addr:#x}" if sym else hex(addr)
-
-    # -- recovery -------------------------------------------------------------
-    def _pick(self, edition_id: int | None, state: str) -> ed.Edition:
-        eds = self.editions()
-        if edition_id is None:
-            cands = [e for e in eds if e.state == state]
-            if not cands:
-                raise BadInput(f"process {self.pid} has no {state} edition")
-            return cands[0]
-        for e in eds:
-            if e.id == edition_id:
-                if e.state != state:
-                    raise BadInput(f"edition {edition_id} of process {self.pid} is {e.state}, not {state}")
-                return e
-        raise BadInput(f"process {self.pid} has no edition {edition_id} (see hotpatch list)")
-
-    def _recover(self, timeout: float = 5.0) -> list[str]:
-        """Called under the lock, so no other live tool is mid-operation:
-        anything unstable was left by a tool that died."""
-        self.verify()
-        maps = read_maps(self.pid)
-        eds, orphans = ed.list_editions(self.mem, maps)
-        done: list[str] = []
-        regions = ed.regions_in(maps)
-        leaked = ed.leaked_descriptors(self.pid)
-        if leaked:
-            with Injector(self.pid, self.mem) as inj:
-                for fd in leaked:
-                    inj("close", fd)
-            done.append(f"closed {len(leaked)} descriptor(s) an interrupted tool left open")
-        for eid in orphans:  # killed before its record was complete
-            unmap_regions(self, [(m.start, m.end - m.start) for m in regions[eid]])
-            done.append(f"removed the memory of edition {eid}, interrupted while preparing")
-        for e in eds:
-            if e.state == "preparing" or (e.state == "prepared" and not e.staged):
-                unmap_regions(self, e.regions)
-                done.append(f"removed edition {e.id} ({e.patch}), left {e.state} by an interrupted tool")
-            elif e.state in ("switching", "reverting"):
-                done.append(self._finish_transition(e, timeout))
-        return done
-
-    def _finish_transition(self, e: ed.Edition, timeout: float) -> str:
-        """A switch interrupted between its writes: look at which trampolines
-        are in, then complete the interrupted direction."""
-        current = {f.addr: self.mem.read(f.addr, len(bytes.fromhex(f.new_bytes))) for f in e.functions}
-        still_old = [f for f in e.functions if current[f.addr] == bytes.fromhex(f.old_bytes)]
-        still_new = [f for f in e.functions if current[f.addr] == bytes.fromhex(f.new_bytes)]
-        if len(still_old) + len(still_new) != len(e.functions):
-            raise RemoteError(f"edition {e.id}: code of process {self.pid} matches neither old nor new bytes; "
-                              "not touching it")
-        if e.state == "switching":
-            if still_old:
-                Transition(self, e, APPLY, functions=still_old).start(timeout)
-            else:
-                e.state = "applied"
-                self.mem.write(*e.state_bytes("applied"))
-            return f"completed the interrupted switch of edition {e.id} ({e.patch})"
-        if still_new:
-            Transition(self, e, REVERT, functions=still_new).start(timeout)
-        else:
-            unmap_regions(self, e.regions)
-        return f"completed the interrupted revert of edition {e.id} ({e.patch})"
+        """``object:function+0xoff`` for an address in the target (a return
+        address is looked up at ``addr - 1``; see Target.symbolize)."""
+        return self.target.symbolize(addr, return_address)
 
     # -- plumbing -------------------------------------------------------------
     @contextmanager
@@ -324,14 +206,13 @@ class Process:
 
     def _gone(self, doing: str) -> TargetGone | None:
         try:
-            self.handle.verify(doing)
+            self.target.verify(doing)
         except TargetGone as gone:
             return gone
         return None
 
     def close(self) -> None:
-        self.mem.close()
-        self.handle.close()
+        self.target.close()
 
     def __enter__(self) -> "Process":
         return self

@@ -35,6 +35,7 @@ from elftools.elf.sections import SymbolTableSection
 
 from . import clones, debuginfod
 from . import maps as _maps
+from .constants import page_down
 from .errors import (
     AmbiguousObject,
     AmbiguousSymbol,
@@ -46,12 +47,11 @@ from .errors import (
     UnsupportedPatch,
 )
 from .memory import RemoteMemory
+from .resources import cache_dir
 
 # Bump when _FileData (or how it is computed) changes: old cache files are ignored.
 FORMAT_VERSION = 1
 DEBUG_ROOT = "/usr/lib/debug/.build-id"
-
-_PAGE = os.sysconf("SC_PAGE_SIZE")
 
 _KIND = {"STT_FUNC": "func", "STT_LOOS": "ifunc",  # STT_GNU_IFUNC == STT_LOOS
          "STT_OBJECT": "object", "STT_COMMON": "object", "STT_NOTYPE": "other"}
@@ -263,7 +263,7 @@ def _debug_file(build_id: str | None) -> str | None:
     if not build_id or len(build_id) < 3:
         return None
     path = f"{DEBUG_ROOT}/{build_id[:2]}/{build_id[2:]}.debug"
-    return path if os.path.isfile(path) else debuginfod.cached(cache_dir(), build_id)
+    return path if os.path.isfile(path) else debuginfod.cached(build_id)
 
 
 def _file_identity(path: str | None) -> tuple[str, int, int] | None:
@@ -354,14 +354,6 @@ def _image_file(kind: str, image: bytes) -> str | None:
 
 
 # --- the cache -------------------------------------------------------------
-def cache_dir() -> Path:
-    env = os.environ.get("KSPLICE_PY_CACHE")
-    if env:
-        return Path(env)
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return Path(xdg) / "ksplice_py" if xdg else Path.home() / ".cache" / "ksplice_py"
-
-
 def cache_path(build_id: str) -> Path:
     return cache_dir() / f"{build_id}.{FORMAT_VERSION}.pickle"
 
@@ -491,12 +483,12 @@ class TargetSymbols:
             return None
         # The first PT_LOAD is mapped at the page holding its file offset.
         off, vaddr = hdr.first_load
-        page_off = off & ~(_PAGE - 1)
+        page_off = page_down(off)
         starts = [m.start for m in mf.mappings if m.offset == page_off]
         if not starts:
             self.skipped.append((mf.path, "its first PT_LOAD segment is not mapped"))
             return None
-        bias = min(starts) - (vaddr & ~(_PAGE - 1))
+        bias = min(starts) - page_down(vaddr)
         if hdr.dynamic:
             self._dynamic[mf.path] = hdr.dynamic
         return ObjectInfo(mf.name, mf.path, path, bias, hdr.build_id, mf.start, mf.end, hdr.soname)
@@ -680,13 +672,14 @@ class TargetSymbols:
                     or obj.build_id in self._asked:
                 continue
             self._asked.add(obj.build_id)
-            if debuginfod.fetch(obj.build_id, cache_dir(), deadline):
+            if debuginfod.fetch(obj.build_id, deadline):
                 del self._data[obj.path]
                 self._funcs.pop(obj.path, None)
                 fetched = self._load(obj) is not None or fetched
         return fetched
 
-    def _refuse_missing(self, what: str, name: str, objects: list[ObjectInfo], **details) -> None:
+    def _refuse_missing(self, what: str, name: str, objects: list[ObjectInfo],
+                        object: str | None = None) -> None:
         """SymbolNotFound; when gcc replaced the function by clones with a
         changed ABI (clones.py), name them: they are why it is missing."""
         found = [f"{o.name}:{c}" for o in objects if (data := self._load(o)) is not None
@@ -696,9 +689,9 @@ class TargetSymbols:
                 f"{what}, but gcc made clones of it with a changed ABI: {', '.join(found)}; "
                 f"patch a clone only with a replacement written for its ABI, declared with "
                 f"HOTPATCH_CLONE_ABI (see docs/compiler-abi.md)",
-                symbol=name, **details)
+                symbol=name, object=object)
         raise SymbolNotFound(f"{what} (check the name, or install its debug symbols for "
-                             f"static functions)", symbol=name, **details)
+                             f"static functions)", symbol=name, object=object)
 
     # -- bind_import ------------------------------------------------------
     def bind_import(self, name: str, version: str | None, weak: bool) -> int | None:

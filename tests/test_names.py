@@ -17,9 +17,14 @@ NORETURN_C = r"""
 #include <stdio.h>
 #include <unistd.h>
 static volatile int stop;
-__attribute__((noinline)) int wait_here(void) { while (!stop) pause(); return 1; }
+__attribute__((noinline)) int wait_here(void)
+{
+    printf("ready\n"); fflush(stdout);  /* from inside: the thread is here from now on */
+    while (!stop) pause();
+    return 1;
+}
 __attribute__((noreturn, noinline)) static void serve(void) { for (;;) wait_here(); }
-int main(void) { printf("ready\n"); fflush(stdout); serve(); }
+int main(void) { serve(); }
 """
 
 WAIT_PATCH = r"""
