@@ -211,7 +211,8 @@ class PatchCycle:
                 f"cannot replace {sym.qualified}: its callers may keep values in "
                 f"{clobbers.describe(needed)} across calls to it (gcc -fipa-ra: it never writes "
                 f"them), the replacement may write them, and a thunk preserving them cannot "
-                f"stand in front of it, as it may take stack arguments ({why})", func=sym.qualified)
+                f"stand in front of it, as it may take stack arguments ({why}); a replacement "
+                f"that leaves those registers alone needs no thunk", func=sym.qualified)
         return needed
 
     def _function_extent(self, addr: int) -> tuple[int, bytes] | None:
