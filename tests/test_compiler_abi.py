@@ -4,13 +4,12 @@ values in call-clobbered registers across a call (-fipa-ra)."""
 from __future__ import annotations
 
 import re
-import time
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from conftest import assert_error, assert_ok, describe, run_hotpatch
+from conftest import assert_error, assert_ok, describe, run_hotpatch, wait_until
 from inline import Proc, patch, program
 
 # --- item 4: clones ---------------------------------------------------------------
@@ -265,7 +264,7 @@ PARKED_C = r"""
 #include <stdio.h>
 #include <stdlib.h>
 #include <unistd.h>
-volatile int release_parked;
+volatile int release_parked, parked_now;
 static volatile int zero;  /* keeps scale() from being a const function gcc calls once */
 static __attribute__((noinline, noclone)) int scale(int v) { return (v ^ 0x5a5a) * 3 + 1000000 + zero; }
 __attribute__((noinline)) int combine(int x, int y)
@@ -287,6 +286,7 @@ int main(void)
     pthread_create(&t, NULL, worker, NULL);
     printf("ready\n"); fflush(stdout);
     while (fgets(line, sizeof line, stdin)) {
+        if (line[0] == 'p') { printf("%d\n", parked_now); fflush(stdout); continue; }
         if (line[0] == 'r') release_parked = 1;
         printf("%d %d\n", combine(atoi(line + 1), atoi(line + 1) + 1), worker_result); fflush(stdout);
     }
@@ -297,15 +297,17 @@ int main(void)
 PARKING_SCALE = r"""
 #include <hotpatch.h>
 #include <unistd.h>
-static volatile int *release;
+static volatile int *release, *parked;
 static int scale_v2(int v)
 {
+    *parked = 1;
     while (!*release) usleep(1000);        /* an import: every register may be written */
     __asm__ volatile("mov $-1, %%rdx; mov $-1, %%rsi" ::: "rdx", "rsi");
     return v * 5;
 }
 HOTPATCH_REPLACE("main:scale", scale_v2);
 HOTPATCH_SYMBOL("main:release_parked", release);
+HOTPATCH_SYMBOL("main:parked_now", parked);
 """
 
 
@@ -315,12 +317,12 @@ def test_revert_waits_for_a_thread_inside_the_thunk(tmp_path):
     fix = patch(tmp_path, "park", PARKING_SCALE)
     with Proc([str(exe)]) as t:
         assert_ok(run_hotpatch("apply", t.pid, fix))
-        time.sleep(0.2)  # the worker is now parked in scale_v2, called by the thunk
+        wait_until(lambda: t.ask("p") == "1", 10, "the worker to park in scale_v2 (called by the thunk)")
         line = assert_error(run_hotpatch("revert", t.pid, "--timeout", "0.5"), 3)
         assert "return address into edition 1" in line, line
         # released: results are right (the thunk kept combine's registers), then revert
         assert t.ask("r5").split()[0] == str(_expected(5, lambda v: v * 5))
         assert_ok(run_hotpatch("revert", t.pid, "--timeout", "5"))
-        time.sleep(0.05)
         original = lambda v: (v ^ 0x5a5a) * 3 + 1000000  # noqa: E731
-        assert t.ask("x5").split() == [str(_expected(5, original)), str(_expected(2, original))]
+        want = [str(_expected(5, original)), str(_expected(2, original))]
+        wait_until(lambda: t.ask("x5").split() == want, 10, f"main and worker to compute {want}")
