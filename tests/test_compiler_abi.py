@@ -320,6 +320,7 @@ def test_revert_waits_for_a_thread_inside_the_thunk(tmp_path):
         wait_until(lambda: t.ask("p") == "1", 10, "the worker to park in scale_v2 (called by the thunk)")
         line = assert_error(run_hotpatch("revert", t.pid, "--timeout", "0.5"), 3)
         assert "return address into edition 1" in line, line
+        assert "<- edition 1 (park.so)+0x" in line, line  # the new code's frame, named
         # released: results are right (the thunk kept combine's registers), then revert
         assert t.ask("r5").split()[0] == str(_expected(5, lambda v: v * 5))
         assert_ok(run_hotpatch("revert", t.pid, "--timeout", "5"))
