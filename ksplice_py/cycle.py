@@ -34,7 +34,7 @@ import time
 from dataclasses import dataclass
 
 from . import editions as ed
-from . import clobbers, clones, harness, ifuncs, loader, placement, trampoline, x86writer
+from . import clobbers, clones, harness, ifuncs, interrupts, loader, placement, trampoline, x86writer
 from .constants import (EEXIST, MAP_FIXED_NOREPLACE, MAP_PRIVATE, MFD_CLOEXEC, PROT_EXEC, PROT_READ,
                         page_up, syscall_failed)
 from . import operations
@@ -123,7 +123,6 @@ class PatchCycle:
         self.image_base = 0
         self._maps: list[Mapping] = []
         self._mapped = False
-        self._switched = False
         self._ifunc_candidates: dict[str, dict[int, list[Symbol]]] = {}  # per object
 
     # -- prepare --------------------------------------------------------------
@@ -150,8 +149,8 @@ class PatchCycle:
         chosen = self.harness_choice.select({n: o.build_id for o in objects for n in o.names})
         self._plan_regions()
         self._map_regions()
-        self.edition = ed.Edition(
-            id=self.edition_id, patch=self.patch.name, sha256=self.patch.sha256,
+        self.edition = ed.Edition(  # the absolute path: how every audit record names it
+            id=self.edition_id, patch=os.path.abspath(self.patch.name), sha256=self.patch.sha256,
             regions=[(r.start, r.size) for r in self.regions],
             pins={p.object: p.build_id for p in self.patch.pins}, prepared_at=time.time(),
             staged=self.staged, harnesses=[h.name for h in chosen])
@@ -231,7 +230,7 @@ class PatchCycle:
         self.record_size = ed.record_size(nfuncs)
         image_size = page_up(hi - lo)
         stub_size = self._stub_area(nfuncs)
-        self.regions = [Region(ed.region_name(self.edition_id, self.patch.name),
+        self.regions = [Region(ed.region_name(self.edition_id, os.path.basename(self.patch.name)),
                                self.record_size + image_size + stub_size, main)]
         for c in clusters:
             if c is not main:
@@ -374,7 +373,6 @@ class PatchCycle:
     def cutover(self, timeout: float) -> ed.Edition:
         """Switch in one stopped window, retried with back-off (transition.py)."""
         operations.cutover(self.target, self.edition, timeout)
-        self._switched = True
         return self.edition
 
     # -- check / abort --------------------------------------------------------
@@ -399,6 +397,20 @@ class PatchCycle:
             return self.cutover(timeout)
         except BaseException:
             # Any failure before the switch (including Ctrl-C/SIGTERM): undo.
-            if not self._switched:
-                self.abort()
+            # After it, the new code is live: never unmap it.
+            with interrupts.held():  # a second Ctrl-C must not cut the undo short
+                if not self.switched():
+                    self.abort()
             raise
+
+    def switched(self) -> bool:
+        """Did the cutover write its trampolines? Asked of the target itself
+        (they are written all or nothing, in one stopped window), so the
+        answer holds whatever was interrupted on our side."""
+        if self.edition is None or not self.edition.functions:
+            return False  # not finalized: nothing can have been switched
+        try:
+            return any(self.mem.read(f.addr, len(bytes.fromhex(f.new_bytes))) == bytes.fromhex(f.new_bytes)
+                       for f in self.edition.functions)
+        except HotpatchError:
+            return self.target.same_process()  # unreadable yet ours: leave it for recover

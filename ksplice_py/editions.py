@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass, field
 
 from .constants import page_up
 from .errors import HotpatchError
-from .lifecycle import MOVES, State
+from .lifecycle import MOVES, UNSTABLE, State
 from .maps import Mapping
 from .memory import RemoteMemory
 
@@ -88,6 +88,11 @@ class Edition:
     # Blocked attempts stop the world too: what the target really felt.
     longest_pause_us: float | None = None
     stopped_us: float | None = None
+    # Known to this invocation only, never in the target's record:
+    reverted_at: float | None = None  # unix time of the revert (pause_us stays the apply's)
+    revert_pause_us: float | None = None  # the stop that switched it back
+    already_applied: bool = False  # apply found this content applied: nothing was done
+    orphaned: bool = False  # left half-way by a tool that was killed (see mark_orphans)
 
     @property
     def record_addr(self) -> int:
@@ -105,7 +110,7 @@ class Edition:
     # -- record encoding --------------------------------------------------
     def body(self) -> bytes:
         d = asdict(self)
-        for k in ("state", "applied_at", "pause_us", "attempts", "longest_pause_us", "stopped_us"):
+        for k in _NOT_IN_BODY:
             d.pop(k)
         return json.dumps(d, separators=(",", ":")).encode()
 
@@ -129,6 +134,27 @@ class Edition:
     def state_bytes(self, state: State) -> tuple[int, bytes]:
         """(address, bytes) that set the record's state: one 16-byte write."""
         return self.record_addr + STATE_OFFSET, state.encode().ljust(STATE_SIZE, b"\0")
+
+
+# The header holds the first six (updated in place); the rest never reaches the target.
+_NOT_IN_BODY = ("state", "applied_at", "pause_us", "attempts", "longest_pause_us", "stopped_us",
+                "reverted_at", "revert_pause_us", "already_applied", "orphaned")
+def may_be_orphan(e: Edition) -> bool:
+    """What a live tool passes through (an unstable state, or ``prepared``
+    by an apply rather than staged by `hotpatch prepare`): found while no
+    tool is at work on the target, a killed one left it."""
+    return e.state in UNSTABLE or (e.state == State.PREPARED and not e.staged)
+
+
+def mark_orphans(editions: list[Edition]) -> None:
+    """Call only while no tool holds the target's lock (locking.py)."""
+    for e in editions:
+        e.orphaned = may_be_orphan(e)
+
+
+def find_applied(editions: list[Edition], sha256: str) -> Edition | None:
+    """The applied edition with this content, if any (newest first)."""
+    return next((e for e in editions if e.sha256 == sha256 and e.state == State.APPLIED), None)
 
 
 def record_size(nfuncs: int) -> int:

@@ -170,9 +170,25 @@ class RemoteError(HotpatchError):
     """A syscall injected into the target or a remote memory access failed."""
 
 
+# --- not an Exception: SIGINT/SIGTERM ------------------------------------
+class Interrupted(BaseException):
+    """SIGINT/SIGTERM before the switch: unwinds through every cleanup path
+    (the target ends as it was); exit 128 + the signal's number, as a shell
+    reports a command killed by it. After the switch the command completes
+    instead (interrupts.py)."""
+
+    def __init__(self, signum: int) -> None:
+        import signal
+
+        self.signum = signum
+        self.exit_code = 128 + signum
+        super().__init__(f"interrupted by {signal.Signals(signum).name}; "
+                         "the target was left running and unchanged")
+
+
 __all__ = [
     "HotpatchError", "BadInput", "UsageError", "NoSuchProcess", "AccessDenied", "UnsupportedTarget",
     "BadPatchFile", "UntrustedPatch", "NotQuiescent", "PatchMismatch", "SymbolNotFound",
     "AmbiguousSymbol", "UnknownObject", "BuildIdMismatch", "TrampolineError", "UnsupportedPatch",
-    "TargetGone", "PidReused", "RemoteError",
+    "TargetGone", "PidReused", "RemoteError", "Interrupted",
 ]

@@ -273,6 +273,7 @@ class _Parser:
     def parse(self) -> PatchFile:
         self.check_header()
         self.elf = ELFFile(io.BytesIO(self.data))
+        self.check_is_patch()
         self.check_elf_kind()
         self.read_segments()
         self.read_dynamic()
@@ -312,6 +313,17 @@ class _Parser:
                            "`cc -shared -fPIC $(hotpatch cflags)`")
         if len(self.data) < 64:
             raise self.bad(f"truncated ELF file ({len(self.data)} bytes)")
+
+    def check_is_patch(self) -> None:
+        """A library or a program given by mistake is named as such, before
+        any complaint about what it contains (TLS, constructors, ...)."""
+        h = self.elf.header
+        if h["e_shoff"] + h["e_shnum"] * h["e_shentsize"] > len(self.data):
+            return  # truncated: check_elf_kind says so
+        if self.elf.get_section_by_name(".hotpatch") is None:
+            kind = {"ET_EXEC": "a program", "ET_DYN": "a library or a program"}.get(h["e_type"], "an ELF file")
+            raise self.bad(f"not a hotpatch patch ({kind} without a .hotpatch section); build patches "
+                           "with hotpatch.h: cc -shared -fPIC -O2 $(hotpatch cflags) -o fix.so fix.c")
 
     def check_elf_kind(self) -> None:
         h = self.elf.header

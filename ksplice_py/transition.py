@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from . import editions as ed
-from . import harness, quiescence
+from . import harness, interrupts, quiescence
 from .errors import HotpatchError, NotQuiescent, PatchMismatch, RemoteError
 from .lifecycle import Direction
 from .maps import read_maps
@@ -146,21 +146,26 @@ class Transition:
                 h.before_cutover(self.target, self.edition)
         while True:
             self.attempts += 1
-            result = self.try_complete(write=True)
-            if result.done:
-                self.complete(result)
-                for h in self.harnesses:
-                    if h.after_cutover:
-                        h.after_cutover(self.target, self.edition)
-                return result
+            # SIGINT/SIGTERM wait for the attempt to end: before its write
+            # they then unwind as usual; after it, the switch is complete
+            # and recorded before anyone hears of the interrupt.
+            with interrupts.held():
+                result = self.try_complete(write=True)
+                if result.done:
+                    self.complete(result)
+                    for h in self.harnesses:
+                        if h.after_cutover:
+                            h.after_cutover(self.target, self.edition)
+                    return result
             remaining = deadline - time.monotonic()
             if self.unwinder is None:
                 # one more attempt, with precise unwinding, even when time is up
                 self.load_unwinder()
                 remaining = max(remaining, 0.001)
             if remaining <= 0:
+                within = f"within {timeout:g}s" if timeout else "at once (--timeout 0: one try)"
                 raise NotQuiescent(
-                    f"no safe moment to {self.direction.verb} edition {self.edition.id} within {timeout:g}s "
+                    f"no safe moment to {self.direction.verb} edition {self.edition.id} {within} "
                     f"({self.attempts} attempts): {quiescence.summarize(result.blockers)}; "
                     f"retry later or with a longer --timeout",
                     blockers=result.blockers, attempts=self.attempts)
@@ -209,6 +214,7 @@ class Transition:
                 vetoes = self._run_checks(world) if not late and not unsafe else []
                 if not late and not unsafe and not vetoes and write:
                     self._write_all(world)
+                    interrupts.commit()  # the change is made: the command must complete
                 verdicts = [(t.tid, t.unsafe, t.hit_value) for t in world.threads() if t.unsafe]
                 world.release()
         finally:
@@ -288,13 +294,16 @@ class Transition:
     # -- complete ------------------------------------------------------------------
     def complete(self, result: AttemptResult) -> None:
         """The window wrote the states; mirror them here, with the stops'
-        timings (a cutover's record keeps them; a revert's goes with cleanup)."""
+        timings (a cutover's record keeps them; a revert's are reported, its
+        record goes with cleanup)."""
         e = self.edition
-        e.pause_us, e.attempts = result.pause_us, self.attempts
-        e.longest_pause_us, e.stopped_us = self.longest_pause_us, self.stopped_us
         e.move(self.direction.during)
         e.move(self.direction.outcome)
         if self.direction is Direction.PATCH:
+            e.pause_us, e.attempts = result.pause_us, self.attempts
+            e.longest_pause_us, e.stopped_us = self.longest_pause_us, self.stopped_us
             e.applied_at = time.time()
             self.mem.write(e.record_addr, e.header())
+        else:  # the apply's figures stay: they say what the target felt then
+            e.reverted_at, e.revert_pause_us = time.time(), result.pause_us
 

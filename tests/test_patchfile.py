@@ -239,7 +239,7 @@ def test_refuses_executable(tmp_path):
     c.write_text("int main(void){ return 0; }\n")
     exe = tmp_path / "prog"
     subprocess.run(["gcc", "-no-pie", "-o", str(exe), str(c)], check=True)
-    expect(BadPatchFile, exe, "not a shared object")
+    expect(BadPatchFile, exe, "not a hotpatch patch (a program")  # issue #15: named first
 
 
 def test_refuses_duplicates_and_bad_build_id(tmp_path):
