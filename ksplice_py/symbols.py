@@ -339,12 +339,12 @@ def _image_file(kind: str, image: bytes) -> str | None:
     """An in-memory ELF image (the vDSO) as a file: content-addressed in the
     cache, so pyelftools can read it and the symbol cache can key it."""
     digest = hashlib.sha256(image).hexdigest()[:32]
-    path = cache_dir() / f"{kind}-{digest}.so"
+    path = cache_dir() / f"{kind}-{digest}.elf"  # not .so: nothing here is a built library
     try:
         if path.is_file() and path.read_bytes() == image:
             return str(path)
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".so")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".elf")
         with os.fdopen(fd, "wb") as f:
             f.write(image)
         os.replace(tmp, path)
