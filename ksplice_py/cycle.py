@@ -34,7 +34,7 @@ import time
 from dataclasses import dataclass
 
 from . import editions as ed
-from . import harness, interrupts, loader, placement, trampoline, x86writer
+from . import clobbers, clones, harness, ifuncs, interrupts, loader, placement, trampoline, x86writer
 from .constants import (EEXIST, MAP_FIXED_NOREPLACE, MAP_PRIVATE, MFD_CLOEXEC, PAGE_SIZE, PROT_EXEC, PROT_READ,
                         page_up, syscall_failed)
 from . import operations
@@ -49,6 +49,8 @@ from .tracer import Injector
 from .transition import AttemptResult, Transition
 
 STUB_SLOT = 128  # per function: far jump (14) + call-original stub (bounded below)
+# per function, when its callers rely on registers the replacement writes (-fipa-ra)
+THUNK_SLOT = (x86writer.preserving_thunk_bound(len(clobbers.GPRS), len(clobbers.XMMS)) + 15) & ~15
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,13 @@ class Switch:
     stub_addr: int | None = None  # call-original stub (WRAP)
     far_stub: int | None = None  # abs-jump slot when the new code is out of rel32 reach
     redirect: trampoline.Redirect | None = None
+    preserve: frozenset[str] = frozenset()  # registers callers rely on that the new code writes
+    thunk_addr: int | None = None  # saves `preserve` around the new code
+
+    @property
+    def entry(self) -> int:
+        """Where the redirect sends callers: the thunk, else the new code."""
+        return self.thunk_addr or self.new_addr
 
 
 @dataclass
@@ -84,9 +93,9 @@ class Region:
     start: int = 0
     stub_cursor: int = 0  # next free stub slot (absolute, set once mapped)
 
-    def take_slot(self) -> int:
+    def take_slot(self, size: int = STUB_SLOT) -> int:
         slot = self.stub_cursor
-        self.stub_cursor += STUB_SLOT
+        self.stub_cursor += size
         return slot
 
 
@@ -116,6 +125,7 @@ class PatchCycle:
         self._maps: list[Mapping] = []
         self._bound: dict[tuple, int | None] = {}
         self._mapped = False
+        self._ifunc_candidates: dict[str, dict[int, list[Symbol]]] = {}  # per object
 
     # -- prepare --------------------------------------------------------------
     def prepare(self) -> None:
@@ -126,23 +136,20 @@ class PatchCycle:
         seen: dict[int, str] = {}
         for rep in self.patch.replacements:
             sym = syms.resolve(rep.target)
-            if sym.kind == "ifunc":
-                raise TrampolineError(
-                    f"{sym.qualified} is an IFUNC resolver; patch the implementation it selects instead")
-            if sym.kind != "func":
-                raise PatchMismatch(f"{sym.qualified} is not a function; it cannot be replaced")
+            self._refuse_wrong_target(rep, sym)
             if sym.addr in seen:
                 raise PatchMismatch(f"{rep.target} and {seen[sym.addr]} are the same function; replace it once")
             seen[sym.addr] = rep.target
             code = self._read_function(sym)
             # Refuse before mapping anything: exit 4 with the target untouched.
             trampoline.check_window(code, x86writer.JMP_REL32_LEN)
-            self.switches.append(Switch(rep, sym, code))
+            self.switches.append(Switch(rep, sym, code, preserve=self._callers_rely_on(rep, sym, code)))
         for ref in self.patch.symbol_refs:
             self.symbol_refs.append((ref.ptr, syms.resolve(ref.target)))
         self.bind_targets = {b.target: syms.resolve(b.target).addr for b in self.patch.binds}
-        chosen = self.harness_choice.select(
-            {sw.sym.object: syms.build_id(sw.sym.object) for sw in self.switches})
+        objects = [syms.object(sw.sym.object) for sw in self.switches]
+        # harnesses govern an object by file name or SONAME
+        chosen = self.harness_choice.select({n: o.build_id for o in objects for n in o.names})
         self._plan_regions()
         self._check_fits()  # the last step before the first write
         self._map_regions()
@@ -152,6 +159,21 @@ class PatchCycle:
             pins={p.object: p.build_id for p in self.patch.pins}, prepared_at=time.time(),
             staged=self.staged, harnesses=[h.name for h in chosen])
         self._write_record()
+
+    def _refuse_wrong_target(self, rep: Replacement, sym: Symbol) -> None:
+        """Refuse what would be a success that does nothing (the vDSO, an
+        IFUNC resolver or an implementation it did not pick) or a silently
+        wrong one (a gcc clone with another ABI)."""
+        syms = self.target.symbols
+        ifuncs.refuse_vdso(syms, sym)
+        if sym.kind == "ifunc":
+            ifuncs.refuse_resolver(syms, sym)
+        if sym.kind != "func":
+            raise PatchMismatch(f"{sym.qualified} is not a function; it cannot be replaced")
+        clones.refuse_undeclared(sym.qualified, rep.target, rep.clone_abi)
+        if sym.object not in self._ifunc_candidates:
+            self._ifunc_candidates[sym.object] = ifuncs.candidates(syms, sym.object, self.mem.read)
+        ifuncs.refuse_unselected(syms, sym, self._ifunc_candidates[sym.object].get(sym.addr, []))
 
     def _check_pins(self) -> None:
         for pin in self.patch.pins:
@@ -165,6 +187,42 @@ class PatchCycle:
         size = min(sym.size, 1 << 20)
         code = self.mem.read(sym.addr, size) if size else b""
         return trampoline.FunctionCode(sym.qualified, sym.addr, sym.size, code)
+
+    def _callers_rely_on(self, rep: Replacement, sym: Symbol, code: trampoline.FunctionCode) -> frozenset[str]:
+        """Call-clobbered registers the callers of ``sym`` may keep values in
+        across calls (gcc -fipa-ra: the original never writes them) that the
+        replacement may write: a thunk must preserve them. Refuses when it
+        cannot stand in front of the function (clobbers.py)."""
+        syms = self.target.symbols
+        if not syms.binds_locally(sym):
+            return frozenset()
+        kept = clobbers.preserved_by(sym.addr, self._function_extent, syms.in_plt)
+        seg = next((g for g in self.patch.segments
+                    if g.vaddr <= rep.func < g.vaddr + len(g.data)), None)
+        if not kept or seg is None:
+            return frozenset()
+        written = clobbers.written_by(
+            rep.func, lambda a, n: seg.data[a - seg.vaddr:a - seg.vaddr + n],
+            (seg.vaddr, seg.vaddr + len(seg.data)))
+        needed = kept & written
+        why = None
+        if needed:  # the original may ignore stack arguments its replacement reads
+            why = (clobbers.takes_stack_arguments(code.code, sym.addr)
+                   or clobbers.takes_stack_arguments(seg.data[rep.func - seg.vaddr:], rep.func))
+        if why:
+            raise TrampolineError(
+                f"cannot replace {sym.qualified}: its callers may keep values in "
+                f"{clobbers.describe(needed)} across calls to it (gcc -fipa-ra: it never writes "
+                f"them), the replacement may write them, and a thunk preserving them cannot "
+                f"stand in front of it, as it may take stack arguments ({why}); a replacement "
+                f"that leaves those registers alone needs no thunk", func=sym.qualified)
+        return needed
+
+    def _function_extent(self, addr: int) -> tuple[int, bytes] | None:
+        f = self.target.symbols.function_at(addr)
+        if f is None or not f.size:
+            return None
+        return f.addr, self.mem.read(f.addr, min(f.size, 1 << 20))
 
     def _plan_regions(self) -> None:
         maps = self.target.maps()
@@ -188,8 +246,8 @@ class PatchCycle:
 
     @staticmethod
     def _stub_area(nfuncs: int) -> int:
-        # two slots a function: a far jump and a call-original stub
-        return page_up(2 * STUB_SLOT * max(1, nfuncs))
+        # per function: a far jump, a call-original stub, a register-preserving thunk
+        return page_up((2 * STUB_SLOT + THUNK_SLOT) * max(1, nfuncs))
 
     def _check_fits(self) -> None:
         """Decide everything the patch and the target's symbols and maps can
@@ -208,7 +266,7 @@ class PatchCycle:
         self._layout()
         self._build()
         for sw in self.switches:
-            trampoline.plan_redirect(sw.code, sw.new_addr, near_stub=sw.far_stub)
+            trampoline.plan_redirect(sw.code, sw.entry, near_stub=sw.far_stub)
         for region in self.regions:
             region.start = 0
 
@@ -263,10 +321,13 @@ class PatchCycle:
         self.image = loader.link(self.patch, self.image_base, self._bind, self.bind_targets)
         pointer_writes: list[tuple[int, bytes]] = []
         for sw in self.switches:
-            sw.far_stub = sw.stub_addr = None  # the dry run's, if any
+            sw.far_stub = sw.stub_addr = sw.thunk_addr = None  # the dry run's, if any
             sw.new_addr = self.image.addr(sw.rep.func)
             region = self._near_region(sw.sym.addr)
-            if not x86writer.fits_rel32(sw.sym.addr + x86writer.JMP_REL32_LEN, sw.new_addr):
+            if sw.preserve:
+                sw.thunk_addr = region.take_slot(THUNK_SLOT)
+                pointer_writes.append((sw.thunk_addr, self._thunk(sw)))
+            if not x86writer.fits_rel32(sw.sym.addr + x86writer.JMP_REL32_LEN, sw.entry):
                 sw.far_stub = region.take_slot()
             if sw.rep.kind == "wrap":
                 sw.stub_addr = region.take_slot()
@@ -280,6 +341,12 @@ class PatchCycle:
         for ptr, sym in self.symbol_refs:
             pointer_writes.append((self.image.addr(ptr), struct.pack("<Q", sym.addr)))
         return [*self.image.writes, *pointer_writes]
+
+    @staticmethod
+    def _thunk(sw: Switch) -> bytes:
+        gprs = [r for r in clobbers.GPRS if r in sw.preserve]
+        xmms = [i for i, r in enumerate(clobbers.XMMS) if r in sw.preserve]
+        return x86writer.preserving_thunk(sw.thunk_addr, sw.new_addr, gprs, xmms)
 
     def _bind(self, imp: Import) -> int | None:
         key = (imp.name, imp.version, imp.weak)
@@ -313,7 +380,7 @@ class PatchCycle:
         self.target.verify("finalizing the patch")
         for sw in self.switches:
             sw.code = self._read_function(sw.sym)  # fresh: an edition may have landed
-            sw.redirect = trampoline.plan_redirect(sw.code, sw.new_addr, near_stub=sw.far_stub)
+            sw.redirect = trampoline.plan_redirect(sw.code, sw.entry, near_stub=sw.far_stub)
             if sw.redirect.stub_addr is not None:
                 self.mem.write(sw.redirect.stub_addr, sw.redirect.stub)
         self.edition.functions = [

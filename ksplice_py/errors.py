@@ -108,6 +108,16 @@ class UnknownObject(PatchMismatch):
         self.object, self.available = object, list(available)
 
 
+class AmbiguousObject(PatchMismatch):
+    """A SONAME that more than one mapped file carries; ``candidates`` names them."""
+
+    facts = ("object", "candidates")
+
+    def __init__(self, message: str, object: str, candidates: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.object, self.candidates = object, list(candidates)
+
+
 class BuildIdMismatch(PatchMismatch):
     pass
 
@@ -124,6 +134,17 @@ class TrampolineError(PatchMismatch):
                  text: str = "", reason: str = "") -> None:
         super().__init__(message)
         self.func, self.insn_addr, self.text, self.reason = func, insn_addr, text, reason
+
+
+class CloneAbiMismatch(PatchMismatch):
+    """A gcc clone (.constprop/.isra/.part) targeted by a patch that did not
+    declare it was written for the clone's ABI."""
+
+    facts = ("symbol",)
+
+    def __init__(self, message: str, symbol: str) -> None:
+        super().__init__(message)
+        self.symbol = symbol
 
 
 class UnsupportedPatch(PatchMismatch):

@@ -125,6 +125,15 @@ def mapped_files(pid: int, maps: list[Mapping] | None = None) -> list[MappedFile
     return sorted(by_path.values(), key=lambda f: f.start)
 
 
+VDSO = "[vdso]"
+
+
+def vdso(maps: list[Mapping]) -> MappedFile | None:
+    """The kernel's vDSO image, named ``[vdso]`` (it is no file)."""
+    found = [m for m in maps if m.path == VDSO]
+    return MappedFile(path=VDSO, name=VDSO, mappings=found) if found else None
+
+
 def host_path(pid: int, path: str) -> str:
     """Where *we* can open a file the target has mapped: through the target's
     root, so objects inside another mount namespace are found too."""

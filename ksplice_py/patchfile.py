@@ -8,6 +8,7 @@ BadPatchFile line, never a traceback.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import shlex
@@ -21,7 +22,7 @@ from elftools.elf.elffile import ELFFile
 from elftools.elf.enums import ENUM_RELOC_TYPE_x64
 from elftools.elf.sections import SymbolTableSection
 
-from . import resources
+from . import clones, resources
 
 from .constants import PROT_EXEC, PROT_READ, PROT_WRITE, page_down, page_up
 from .errors import BadPatchFile, HotpatchError, UnsupportedPatch
@@ -79,6 +80,7 @@ def cflags() -> str:
 MAGIC = 0x43545048
 VERSION = 1
 KIND_REPLACE, KIND_WRAP, KIND_SYMBOL, KIND_BUILD_ID, KIND_BIND32 = 1, 2, 3, 4, 5
+KIND_CLONE_ABI = 7  # 6: HOTPATCH_KIND_CONSISTENCY (hot functions)
 RECORD = struct.Struct("<IHHQQQ")  # magic, version, kind, target, a, b
 
 # --- relocation types -------------------------------------------------------
@@ -106,6 +108,7 @@ class Replacement:
     func: int  # patch vaddr of the new function / wrapper
     orig_ptr: int | None  # patch vaddr of the call-original pointer (wrap)
     kind: str  # "replace" | "wrap"
+    clone_abi: bool = False  # HOTPATCH_CLONE_ABI: written for a gcc clone's ABI
 
 
 @dataclass(frozen=True)
@@ -205,6 +208,8 @@ class PatchFile:
             if r.orig_ptr is not None:
                 d["orig_ptr"] = r.orig_ptr
                 d["orig_ptr_name"] = self.func_name(r.orig_ptr)
+            if r.clone_abi:
+                d["clone_abi"] = True
             return d
 
         return {
@@ -665,6 +670,7 @@ class _Parser:
         refs: list[SymbolRef] = []
         pins: list[BuildIdPin] = []
         binds: list[Bind32] = []
+        clone_abi: list[str] = []
         for i in range(size // RECORD.size):
             at = base + i * RECORD.size
             magic, version, kind, *_ = RECORD.unpack_from(raw, i * RECORD.size)
@@ -693,6 +699,8 @@ class _Parser:
             elif kind == KIND_BIND32:
                 target = self.check_target(target, f"bind {what}")
                 binds.append(self.make_bind(target, a, what))
+            elif kind == KIND_CLONE_ABI:
+                clone_abi.append(self.check_target(target, f"HOTPATCH_CLONE_ABI {what}"))
             else:
                 raise self.bad(f"{what} has unknown kind {kind}")
         if not (replacements or refs or pins or binds):
@@ -701,7 +709,7 @@ class _Parser:
         dup_places = {b.place for b in binds}
         if len(dup_places) != len(binds):
             raise self.bad("two bind records name the same place")
-        return replacements, refs, pins, binds
+        return self.mark_clone_abi(replacements, clone_abi), refs, pins, binds
 
     def make_bind(self, target: str, place: int | None, what: str) -> Bind32:
         """The place must be 4 bytes of file data (they hold the addend) that
@@ -715,9 +723,27 @@ class _Parser:
             raise self.bad(f"{what}: bind place 0x{place:x} overlaps a dynamic relocation")
         return Bind32(target, place, struct.unpack("<i", raw)[0])
 
+    def mark_clone_abi(self, reps: list[Replacement], declared: list[str]) -> list[Replacement]:
+        """HOTPATCH_CLONE_ABI(t): the replacement of ``t`` was written for the
+        ABI of the gcc clone ``t`` names (clones.py). It must name a clone the
+        patch replaces or wraps, once."""
+        replaced = {r.target for r in reps}
+        seen: set[str] = set()
+        for target in declared:
+            if target in seen:
+                raise self.bad(f"HOTPATCH_CLONE_ABI({target!r}) appears twice in the manifest")
+            seen.add(target)
+            if not clones.is_clone(target.rpartition(":")[2]):
+                raise self.bad(f"HOTPATCH_CLONE_ABI({target!r}) does not name a gcc clone "
+                               f"(.{', .'.join(clones.ABI_CHANGING)})")
+            if target not in replaced:
+                raise self.bad(f"HOTPATCH_CLONE_ABI({target!r}) names a target the patch "
+                               "neither replaces nor wraps")
+        return [dataclasses.replace(r, clone_abi=True) if r.target in seen else r for r in reps]
+
     def make_pin(self, obj: str, hexptr: int | None, what: str) -> BuildIdPin:
         if not obj or ":" in obj:
-            raise self.bad(f"HOTPATCH_BUILD_ID {what}: object {obj!r} must be a file basename or 'main'")
+            raise self.bad(f"HOTPATCH_BUILD_ID {what}: object {obj!r} must be a file basename, a SONAME or 'main'")
         if hexptr is None:
             raise self.bad(f"HOTPATCH_BUILD_ID {what}: build-id pointer has no relocation")
         hexid = self.cstring(hexptr, f"HOTPATCH_BUILD_ID {what} build-id").lower()

@@ -200,9 +200,10 @@ class Process:
             ed.mark_orphans(eds)
         return eds
 
-    def symbolize(self, addr: int) -> str:
-        """``object:function+0xoff`` for an address in the target."""
-        return self.target.symbolize(addr)
+    def symbolize(self, addr: int, return_address: bool = False) -> str:
+        """``object:function+0xoff`` for an address in the target (a return
+        address is looked up at ``addr - 1``; see Target.symbolize)."""
+        return self.target.symbolize(addr, return_address)
 
     # -- plumbing -------------------------------------------------------------
     @contextmanager

@@ -130,9 +130,11 @@ def thread_name(pid: int, tid: int) -> str:
 
 
 def blocker(pid: int, tid: int, verdict: int, value: int, ranges: list[CodeRange],
-            symbolize: Callable[[int], str], backtrace: Iterable[int] = ()) -> Blocker:
+            symbolize: Callable[[int, bool], str], backtrace: Iterable[int] = ()) -> Blocker:
+    """``symbolize(addr, is_return_address)``: every frame but the innermost,
+    and a stack hit, is a return address."""
     owner = next((r.name for r in ranges if r.start <= value < r.end), None)
-    where = symbolize(value) if verdict in (Verdict.IN_RIP, Verdict.ON_STACK) else None
+    where = symbolize(value, verdict == Verdict.ON_STACK) if verdict in (Verdict.IN_RIP, Verdict.ON_STACK) else None
     if verdict == Verdict.IN_RIP:
         reason = f"is executing {where} (in {owner})"
     elif verdict == Verdict.ON_STACK:
@@ -143,7 +145,7 @@ def blocker(pid: int, tid: int, verdict: int, value: int, ranges: list[CodeRange
         reason = "did not stop in time (uninterruptible sleep?)"
     pcs = tuple(backtrace)
     return Blocker(tid, thread_name(pid, tid), reason, value, where,
-                   tuple(symbolize(pc) for pc in pcs), pcs)
+                   tuple(symbolize(pc, i > 0) for i, pc in enumerate(pcs)), pcs)
 
 
 def summarize(blockers: list[Blocker], limit: int = 3) -> str:

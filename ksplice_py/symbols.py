@@ -18,10 +18,12 @@ only when a lookup needs them.
 from __future__ import annotations
 
 import bisect
+import hashlib
 import os
 import pickle
 import struct
 import tempfile
+import time
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -32,11 +34,14 @@ from elftools.elf.gnuversions import GNUVerDefSection, GNUVerNeedSection, GNUVer
 from elftools.elf.relocation import RelocationSection
 from elftools.elf.sections import SymbolTableSection
 
+from . import clones, debuginfod
 from . import maps as _maps
 from .constants import page_down
 from .errors import (
+    AmbiguousObject,
     AmbiguousSymbol,
     BadInput,
+    HotpatchError,
     RemoteError,
     SymbolNotFound,
     UnknownObject,
@@ -88,6 +93,12 @@ class ObjectInfo:
     build_id: str | None  # lowercase hex of NT_GNU_BUILD_ID
     start: int
     end: int
+    soname: str | None = None  # DT_SONAME: "libfoo.so.0" for libfoo.so.0.35.0
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Every name a patch may use for this object: file name, then SONAME."""
+        return (self.name,) if self.soname in (None, self.name) else (self.name, self.soname)
 
 
 # --- per-file data (what the cache holds; independent of the load address) --
@@ -121,6 +132,7 @@ class _Header(NamedTuple):
     first_load: tuple[int, int]  # (p_offset, p_vaddr) of the first PT_LOAD
     dynamic: tuple[int, int] | None  # (p_vaddr, p_memsz) of PT_DYNAMIC
     build_id: str | None
+    soname: str | None
 
 
 class _Malformed(Exception):
@@ -178,19 +190,20 @@ def _parse_header(path: str) -> _Header:
             elf = ELFFile(f)
             if elf.elfclass != 64 or elf["e_machine"] != "EM_X86_64":
                 raise _Malformed(f"not an x86-64 ELF ({elf['e_machine']}, {elf.elfclass}-bit)")
-            first_load = dynamic = build_id = None
+            first_load = dynamic = build_id = soname = None
             for seg in elf.iter_segments():
                 if seg["p_type"] == "PT_LOAD" and first_load is None:
                     first_load = (seg["p_offset"], seg["p_vaddr"])
                 elif seg["p_type"] == "PT_DYNAMIC":
                     dynamic = (seg["p_vaddr"], seg["p_memsz"])
+                    soname = _soname(seg)
                 elif seg["p_type"] == "PT_NOTE" and build_id is None:
                     for note in seg.iter_notes():
                         if note["n_type"] == "NT_GNU_BUILD_ID":
                             build_id = str(note["n_desc"]).lower()
             if first_load is None:
                 raise _Malformed("no PT_LOAD segment")
-            return _Header(first_load, dynamic, build_id)
+            return _Header(first_load, dynamic, build_id, soname)
     except _Malformed:
         raise
     except Exception as e:  # pyelftools raises many types on malformed input
@@ -204,6 +217,17 @@ def build_id_of(path: str) -> str | None:
         return _read_header(path).build_id
     except _Malformed:
         return None
+
+
+def _soname(dynamic) -> str | None:
+    """DT_SONAME of a PT_DYNAMIC segment; None when absent or unreadable
+    (the object is still usable by its file name)."""
+    try:
+        for tag in dynamic.iter_tags("DT_SONAME"):
+            return tag.soname or None
+    except Exception:  # pyelftools on a malformed string table
+        pass
+    return None
 
 
 def _version_names(elf: ELFFile) -> dict[int, str | None]:
@@ -280,10 +304,11 @@ def _merge(by_name: dict[str, list[_Def]], d: _Def) -> None:
 
 
 def _debug_file(build_id: str | None) -> str | None:
+    """The installed debug file of a build, else one debuginfod gave us."""
     if not build_id or len(build_id) < 3:
         return None
     path = f"{DEBUG_ROOT}/{build_id[:2]}/{build_id[2:]}.debug"
-    return path if os.path.isfile(path) else None
+    return path if os.path.isfile(path) else debuginfod.cached(build_id)
 
 
 def _file_identity(path: str | None) -> tuple[str, int, int] | None:
@@ -353,6 +378,24 @@ def _parse_file(host_path: str, build_id: str | None) -> _FileData:
         except Exception:  # a broken debug file only costs the static symbols
             pass
     return data
+
+
+def _image_file(kind: str, image: bytes) -> str | None:
+    """An in-memory ELF image (the vDSO) as a file: content-addressed in the
+    cache, so pyelftools can read it and the symbol cache can key it."""
+    digest = hashlib.sha256(image).hexdigest()[:32]
+    path = cache_dir() / f"{kind}-{digest}.elf"  # not .so: nothing here is a built library
+    try:
+        if path.is_file() and path.read_bytes() == image:
+            return str(path)
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".elf")
+        with os.fdopen(fd, "wb") as f:
+            f.write(image)
+        os.replace(tmp, path)
+        return str(path)
+    except OSError:
+        return None
 
 
 # --- the cache -------------------------------------------------------------
@@ -455,6 +498,11 @@ def _pick(defs: list[_Def], version: str | None) -> list[_Def]:
     return list(best.values())
 
 
+def _defs_at(data: _FileData, value: int) -> list[_Def]:
+    """Every definition (all names, aliases included) at one link-time address."""
+    return [d for ds in data.by_name.values() for d in ds if d.value == value]
+
+
 def _split_target(target: str) -> tuple[str | None, str, str | None]:
     obj, sep, sym = target.rpartition(":")
     if not sep:
@@ -478,8 +526,13 @@ class TargetSymbols:
         self._dynamic: dict[str, tuple[int, int]] = {}  # path -> PT_DYNAMIC (vaddr, memsz)
         self._data: dict[str, _FileData | str] = {}  # path -> data, or why it is unreadable
         self._funcs: dict[str, tuple[list[int], list[_Def], int]] = {}  # path -> function index
+        self._asked: set[str] = set()  # build-ids asked of debuginfod already
+        maps = _maps.read_maps(pid) if maps is None else maps
         found = [o for o in map(self._object_info, _maps.mapped_files(pid, maps)) if o is not None]
         self.objects: list[ObjectInfo] = self._search_order(found)
+        # The kernel's vDSO: named and symbolized, but outside the search
+        # order (ld.so binds nothing to it) and never patched.
+        self.vdso: ObjectInfo | None = self._vdso_info(maps)
         self._by_name: dict[str, ObjectInfo] = {}
         for o in self.objects:
             self._by_name.setdefault(o.name, o)  # two files, one basename: the first
@@ -498,8 +551,8 @@ class TargetSymbols:
         via_kernel = f"/proc/{self.pid}/map_files/{first.start:x}-{first.end:x}"
         return via_kernel if os.path.exists(via_kernel) else path
 
-    def _object_info(self, mf: _maps.MappedFile) -> ObjectInfo | None:
-        path = self._open_path(mf)
+    def _object_info(self, mf: _maps.MappedFile, path: str | None = None) -> ObjectInfo | None:
+        path = path or self._open_path(mf)
         if not _is_elf(path):
             return None  # locale-archive, caches, data files
         try:
@@ -517,7 +570,20 @@ class TargetSymbols:
         bias = min(starts) - page_down(vaddr)
         if hdr.dynamic:
             self._dynamic[mf.path] = hdr.dynamic
-        return ObjectInfo(mf.name, mf.path, path, bias, hdr.build_id, mf.start, mf.end)
+        return ObjectInfo(mf.name, mf.path, path, bias, hdr.build_id, mf.start, mf.end, hdr.soname)
+
+    def _vdso_info(self, maps: list[_maps.Mapping]) -> ObjectInfo | None:
+        """The [vdso] mapping as an object, read from the target's memory into
+        a content-addressed file of the cache (pyelftools reads files)."""
+        mf = _maps.vdso(maps)
+        if mf is None:
+            return None
+        try:
+            image = self.mem.read(mf.start, mf.end - mf.start)
+        except HotpatchError:
+            return None
+        path = _image_file("vdso", image)
+        return self._object_info(mf, path) if path else None
 
     def _search_order(self, objs: list[ObjectInfo]) -> list[ObjectInfo]:
         """The dynamic linker's global search order (its link_map chain), then
@@ -581,14 +647,30 @@ class TargetSymbols:
         return out
 
     def object(self, name: str) -> ObjectInfo:
+        """The object a patch calls ``name``: its file name (``main`` for the
+        executable), else its SONAME, so a patch for ``libfoo.so.0`` survives
+        the minor upgrade from ``libfoo.so.0.35.0`` to ``.36.0``. A file
+        name wins over another object's SONAME; a SONAME that two different
+        files carry is ambiguous."""
         obj = self._by_name.get(name)
-        if obj is None:
-            names = ", ".join(o.name for o in self.objects)
-            raise UnknownObject(
-                f"process {self.pid} has no object named {name!r} mapped "
-                f"(available: {names}); use 'main' or a library's file name",
-                object=name, available=[o.name for o in self.objects])
-        return obj
+        if obj is not None:
+            return obj
+        if self.vdso is not None and name in self.vdso.names:
+            return self.vdso
+        by_soname = [o for o in self.objects if o.soname == name]
+        if len(by_soname) == 1:
+            return by_soname[0]
+        if by_soname:
+            files = ", ".join(f"{o.name} ({o.path})" for o in by_soname)
+            raise AmbiguousObject(
+                f"{len(by_soname)} objects in process {self.pid} have the SONAME {name!r}: "
+                f"{files}; name the one you mean by its file name",
+                object=name, candidates=[o.name for o in by_soname])
+        names = ", ".join("/".join(o.names) for o in self.objects)
+        raise UnknownObject(
+            f"process {self.pid} has no object named {name!r} mapped "
+            f"(available: {names}); use 'main', a library's file name or its SONAME",
+            object=name, available=[n for o in self.objects for n in o.names])
 
     def build_id(self, object_name: str) -> str | None:
         return self.object(object_name).build_id
@@ -623,26 +705,21 @@ class TargetSymbols:
 
     # -- resolve ----------------------------------------------------------
     def resolve(self, target: str) -> Symbol:
-        """``"sym"``, ``"object:sym"`` (or ``sym@VERSION``) -> the one symbol it names."""
+        """``"sym"``, ``"object:sym"`` (or ``sym@VERSION``) -> the one symbol it names.
+        A name found nowhere is looked for again in debug files from
+        debuginfod (``DEBUGINFOD_URLS``), for stripped programs."""
         obj_name, name, version = _split_target(target)
         shown = name + (f"@{version}" if version else "")
-        if obj_name is not None:
-            obj = self.object(obj_name)
-            data = self._load(obj, strict=True)
-            found = [(obj, d) for d in _pick(data.by_name.get(name, []), version)]
-            if not found:
-                raise SymbolNotFound(
-                    f"{obj_name} in process {self.pid} has no symbol {shown!r} "
-                    f"(check the name, or install its debug symbols for static functions)",
-                    object=obj_name, symbol=name)
-        else:
-            found = []
-            for obj in self.objects:
-                data = self._load(obj)
-                if data is not None:
-                    found += [(obj, d) for d in _pick(data.by_name.get(name, []), version)]
-            if not found:
-                raise SymbolNotFound(f"no object in process {self.pid} defines symbol {shown!r}", symbol=name)
+        objects = [self.object(obj_name)] if obj_name is not None else self.objects
+        found = self._find(objects, name, version, strict=obj_name is not None)
+        if not found and self._fetch_debug(objects):
+            found = self._find(objects, name, version, strict=obj_name is not None)
+        if not found:
+            if obj_name is not None:
+                self._refuse_missing(f"{obj_name} in process {self.pid} has no symbol {shown!r}",
+                                     name, objects, object=obj_name)
+            self._refuse_missing(f"no object in process {self.pid} defines symbol {shown!r}",
+                                 name, objects)
         if len(found) > 1:
             cands = [f"{o.name}:{name} ({d.binding} {d.kind} at {o.bias + d.value:#x})" for o, d in found]
             if len({o.name for o, _ in found}) > 1:
@@ -656,6 +733,49 @@ class TargetSymbols:
         obj, d = found[0]
         return self._symbol(obj, d)
 
+    def _find(self, objects: list[ObjectInfo], name: str, version: str | None,
+              strict: bool) -> list[tuple[ObjectInfo, _Def]]:
+        found = []
+        for obj in objects:
+            data = self._load(obj, strict=strict)
+            if data is not None:
+                found += [(obj, d) for d in _pick(data.by_name.get(name, []), version)]
+        return found
+
+    def _fetch_debug(self, objects: list[ObjectInfo]) -> bool:
+        """Fetch debug files for those of ``objects`` that have none, within
+        one DEBUGINFOD_TIMEOUT; True if any arrived (their symbols reloaded)."""
+        if not debuginfod.urls():
+            return False
+        deadline = time.monotonic() + debuginfod.timeout()
+        fetched = False
+        for obj in objects:
+            data = self._load(obj)
+            if data is None or data.debug_file is not None or not obj.build_id \
+                    or obj.build_id in self._asked:
+                continue
+            self._asked.add(obj.build_id)
+            if debuginfod.fetch(obj.build_id, deadline):
+                del self._data[obj.path]
+                self._funcs.pop(obj.path, None)
+                fetched = self._load(obj) is not None or fetched
+        return fetched
+
+    def _refuse_missing(self, what: str, name: str, objects: list[ObjectInfo],
+                        object: str | None = None) -> None:
+        """SymbolNotFound; when gcc replaced the function by clones with a
+        changed ABI (clones.py), name them: they are why it is missing."""
+        found = [f"{o.name}:{c}" for o in objects if (data := self._load(o)) is not None
+                 for c in clones.clones_of(name, data.by_name)]
+        if found:
+            raise SymbolNotFound(
+                f"{what}, but gcc made clones of it with a changed ABI: {', '.join(found)}; "
+                f"patch a clone only with a replacement written for its ABI, declared with "
+                f"HOTPATCH_CLONE_ABI (see docs/compiler-abi.md)",
+                symbol=name, object=object)
+        raise SymbolNotFound(f"{what} (check the name, or install its debug symbols for "
+                             f"static functions)", symbol=name, object=object)
+
     # -- bind_import ------------------------------------------------------
     def bind_import(self, name: str, version: str | None, weak: bool) -> int | None:
         """Absolute address the dynamic linker would bind ``name`` (``@version``)
@@ -668,7 +788,14 @@ class TargetSymbols:
             if d is None:
                 continue
             if d.kind == "ifunc":
-                return self._ifunc_target(obj, data, d)
+                target = self._ifunc_target(obj, data, d)
+                if target is None:
+                    shown = d.name + (f"@{d.version}" if d.version else "")
+                    raise UnsupportedPatch(
+                        f"cannot bind IFUNC {shown} from {obj.name}: process {self.pid} has no "
+                        f"resolved GOT slot for it yet; call it once in the target or avoid it "
+                        f"in the patch", symbol=d.name)
+                return target
             return obj.bias + d.value
         if weak:
             return None
@@ -685,9 +812,24 @@ class TargetSymbols:
             return (exact or [d for d in defs if d.version is None] or [None])[0]
         return next((d for d in defs if d.default_version), None)
 
-    def _ifunc_target(self, obj: ObjectInfo, data: _FileData, d: _Def) -> int:
+    def ifunc_selection(self, sym: Symbol) -> int | None:
+        """The address IFUNC ``sym`` resolved to in this process (an
+        implementation in its object, or in the vDSO); None while nothing in
+        the process has resolved it yet (a lazy PLT slot never called)."""
+        obj = self.object(sym.object)
+        data = self._load(obj, strict=True)
+        d = next((d for d in _defs_at(data, sym.addr - obj.bias) if d.kind == "ifunc"), None)
+        return self._ifunc_target(obj, data, d) if d is not None else None
+
+    def ifuncs_of(self, object_name: str) -> list[Symbol]:
+        """Every IFUNC (resolver) symbol of one object, one per address."""
+        return [s for s in self.functions_of(object_name) if s.kind == "ifunc"]
+
+    def _ifunc_target(self, obj: ObjectInfo, data: _FileData, d: _Def) -> int | None:
         """The implementation an IFUNC resolved to *in this process*: the
-        defining object's own IRELATIVE slot, else any already-bound GOT slot."""
+        defining object's own IRELATIVE slot, else any already-bound GOT slot
+        holding an address in that object or in the vDSO (glibc's time
+        functions resolve there)."""
         slot = data.irelative.get(d.value)
         if slot is not None:
             return self.mem.read_u64(obj.bias + slot)
@@ -700,18 +842,15 @@ class TargetSymbols:
                     continue
                 value = self.mem.read_u64(other.bias + off)
                 in_plt = any(other.bias + lo <= value < other.bias + hi for lo, hi in odata.plt)
-                if value and not in_plt and obj.start <= value < obj.end:
+                in_vdso = self.vdso is not None and self.vdso.start <= value < self.vdso.end
+                if value and not in_plt and (obj.start <= value < obj.end or in_vdso):
                     return value
-        shown = d.name + (f"@{d.version}" if d.version else "")
-        raise UnsupportedPatch(
-            f"cannot bind IFUNC {shown} from {obj.name}: process {self.pid} has no resolved "
-            f"GOT slot for it yet; call it once in the target or avoid it in the patch",
-            symbol=d.name)
+        return None
 
     # -- function_at ------------------------------------------------------
     def function_at(self, addr: int) -> Symbol | None:
         """The function symbol containing ``addr`` (for backtraces)."""
-        obj = next((o for o in self.objects if o.start <= addr < o.end), None)
+        obj = next((o for o in (*self.objects, *filter(None, [self.vdso])) if o.start <= addr < o.end), None)
         if obj is None:
             return None
         data = self._load(obj)
@@ -726,6 +865,24 @@ class TargetSymbols:
                 return self._symbol(obj, d)
             i -= 1
         return None
+
+    def in_plt(self, addr: int) -> bool:
+        """``addr`` is in a PLT: a call there leaves for another object."""
+        obj = next((o for o in self.objects if o.start <= addr < o.end), None)
+        data = self._load(obj) if obj is not None else None
+        return data is not None and any(lo <= addr - obj.bias < hi for lo, hi in data.plt)
+
+    def binds_locally(self, sym: Symbol) -> bool:
+        """Calls to ``sym`` from its own object may be bound at link time, so
+        gcc may have compiled them knowing its body (-fipa-ra): it is in the
+        executable, or not exported, or has a non-exported alias (glibc's
+        hidden ``__GI_`` names). An exported function of a library without
+        one is interposable, and callers assume only the ABI."""
+        obj = self.object(sym.object)
+        data = self._load(obj)
+        if obj.name == "main" or data is None:
+            return True
+        return any(not d.exported for d in _defs_at(data, sym.addr - obj.bias))
 
     def functions_of(self, object_name: str) -> list[Symbol]:
         """Every function of one object (one name per address), e.g. for a

@@ -8,6 +8,8 @@ needs (nor gets) the ``Process`` facade.
 """
 from __future__ import annotations
 
+import os
+
 from . import editions as ed
 from .errors import HotpatchError
 from .identity import TargetHandle, check_architecture
@@ -68,13 +70,31 @@ class Target:
         self.verify("reading its editions")  # what we read was this process's
         return eds
 
-    def symbolize(self, addr: int) -> str:
-        """``object:function+0xoff`` for an address in the target."""
+    def symbolize(self, addr: int, return_address: bool = False) -> str:
+        """``object:function+0xoff`` for an address in the target. A return
+        address is looked up at ``addr - 1``: after a call to a function that
+        never returns it lies just past its caller's last byte."""
+        look = addr - 1 if return_address else addr
         try:
-            sym = self.symbols.function_at(addr)
+            sym = self.symbols.function_at(look)
         except HotpatchError:
             sym = None
-        return f"{sym.qualified}+{addr - sym.addr:#x}" if sym else hex(addr)
+        if sym is not None:
+            return f"{sym.qualified}+{addr - sym.addr:#x}"
+        return self._edition_code(look, addr) or hex(addr)
+
+    def _edition_code(self, look: int, addr: int) -> str | None:
+        """``edition N (patch)+0xoff`` for an address in an edition's memory
+        (new code, stubs, thunks), which no symbol table covers."""
+        try:
+            eds = self.editions()
+        except HotpatchError:
+            return None
+        for e in eds:
+            for start, size in e.regions:
+                if start <= look < start + size:
+                    return f"edition {e.id} ({os.path.basename(e.patch)})+{addr - start:#x}"
+        return None
 
     def injector(self) -> Injector:
         """One thread borrowed for raw syscalls (a context manager)."""

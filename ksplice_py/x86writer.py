@@ -110,18 +110,6 @@ def _check_cc(cc: int) -> None:
 
 SYSCALL = b"\x0f\x05"
 POPFQ = b"\x9d"
-# Register numbers in the ModRM/opcode encoding; 4 (rsp) is never popped.
-_GPR = {"rax": 0, "rcx": 1, "rdx": 2, "rbx": 3, "rbp": 5, "rsi": 6, "rdi": 7,
-        "r8": 8, "r9": 9, "r10": 10, "r11": 11, "r12": 12, "r13": 13, "r14": 14, "r15": 15}
-
-
-def pop(reg: str) -> bytes:
-    """`pop <reg>` (58+r, REX.B for r8..r15). Not rsp: pop rsp is not a
-    restore a stub may do half-way."""
-    if reg not in _GPR:
-        raise ValueError(f"cannot pop {reg!r}")
-    n = _GPR[reg]
-    return (b"\x41" if n >= 8 else b"") + bytes((0x58 + (n & 7),))
 
 
 def ret_imm16(skip: int) -> bytes:
@@ -129,3 +117,69 @@ def ret_imm16(skip: int) -> bytes:
     if not 0 <= skip <= 0xFFFF:
         raise ValueError(f"ret operand {skip} is not 0..65535")
     return b"\xc2" + struct.pack("<H", skip)
+
+
+# --- a register-preserving thunk (gcc -fipa-ra; see clobbers.py) -------------------
+RET = 0xC3
+_GPR_NUM = {"rax": 0, "rcx": 1, "rdx": 2, "rbx": 3, "rsp": 4, "rbp": 5, "rsi": 6, "rdi": 7,
+            **{f"r{i}": i for i in range(8, 16)}}
+_XMM_SLOT = 16
+
+
+def push(reg: str) -> bytes:
+    n = _GPR_NUM[reg]
+    return (b"\x41" if n >= 8 else b"") + bytes([0x50 + (n & 7)])
+
+
+def pop(reg: str) -> bytes:
+    """`pop <reg>` (58+r, REX.B for r8..r15). Not rsp: pop rsp is not a
+    restore a stub may do half-way."""
+    if reg not in _GPR_NUM or reg == "rsp":
+        raise ValueError(f"cannot pop {reg!r}")
+    n = _GPR_NUM[reg]
+    return (b"\x41" if n >= 8 else b"") + bytes([0x58 + (n & 7)])
+
+
+def add_rsp(imm: int) -> bytes:
+    """`add rsp, imm32` (negative: a sub)."""
+    return b"\x48\x81\xc4" + struct.pack("<i", imm)
+
+
+def movdqu_to_stack(xmm: int, disp: int) -> bytes:
+    """`movdqu [rsp+disp32], xmmN`."""
+    return _movdqu(0x7F, xmm, disp)
+
+
+def movdqu_from_stack(xmm: int, disp: int) -> bytes:
+    """`movdqu xmmN, [rsp+disp32]`."""
+    return _movdqu(0x6F, xmm, disp)
+
+
+def _movdqu(op: int, xmm: int, disp: int) -> bytes:
+    rex = b"\x44" if xmm >= 8 else b""  # REX.R extends the xmm number
+    modrm = 0x84 | ((xmm & 7) << 3)  # mod=10 (disp32), rm=100 (SIB follows)
+    return b"\xf3" + rex + bytes([0x0F, op, modrm, 0x24]) + struct.pack("<i", disp)
+
+
+def preserving_thunk_bound(ngprs: int, nxmms: int) -> int:
+    """Upper bound of len(preserving_thunk(...)) for these register counts."""
+    return 2 * (2 * ngprs + 7 + 10 * nxmms) + CALL_ABS_LEN + 1
+
+
+def preserving_thunk(at: int, dest: int, gprs: list[str], xmms: list[int]) -> bytes:
+    """Code at `at` that saves `gprs` and `xmmN` (N in `xmms`, low 128 bits),
+    calls `dest` with every argument register as it got them, restores the
+    saved registers and returns. Only registers the replaced function never
+    writes may be listed (clobbers.py), so no result is overwritten. `dest`
+    sees the caller's rsp alignment (rsp = 8 mod 16 at its entry whenever the
+    thunk had it), but its return address is further from any stack
+    arguments: only for functions that take none."""
+    xmm_area = _XMM_SLOT * len(xmms) + (0 if len(gprs) % 2 else 8)  # keeps rsp % 16
+    code = b"".join(push(r) for r in gprs)
+    code += add_rsp(-xmm_area)
+    code += b"".join(movdqu_to_stack(x, _XMM_SLOT * i) for i, x in enumerate(xmms))
+    code += call_best(at + len(code), dest)
+    code += b"".join(movdqu_from_stack(x, _XMM_SLOT * i) for i, x in enumerate(xmms))
+    code += add_rsp(xmm_area)
+    code += b"".join(pop(r) for r in reversed(gprs))
+    return code + bytes([RET])

@@ -340,6 +340,12 @@ def test_record_layout_matches_header():
     assert RECORD.size == 32
     hdr = (include_dir() / "hotpatch.h").read_text()
     assert "0x43545048u" in hdr and "HOTPATCH_VERSION 1" in hdr
+    import re
+
+    from ksplice_py import patchfile
+    kinds = dict(re.findall(r"#define HOTPATCH_KIND_(\w+) (\d+)", hdr))
+    assert kinds and {k: int(v) for k, v in kinds.items()} == {
+        k.removeprefix("KIND_"): v for k, v in vars(patchfile).items() if k.startswith("KIND_")}
 
 
 def test_header_is_pedantic_clean(tmp_path):

@@ -20,9 +20,15 @@
  *        address of the target symbol (static symbols of the target too).
  *   HOTPATCH_BUILD_ID("libdemo.so", "3f2a...");
  *        refuse to apply unless the object's GNU build-id is exactly this.
+ *   HOTPATCH_CLONE_ABI("main:f.constprop.0");
+ *        the replacement (or wrapper) of this gcc clone was written for the
+ *        clone's own ABI, not f's source signature (gcc drops, folds or
+ *        splits arguments in .constprop/.isra/.part clones); without it a
+ *        clone is refused.  See docs/compiler-abi.md.
  *
  * Targets are "symbol" or "object:symbol"; object is the basename of the
- * mapped file (libc.so.6, libdemo.so) or "main" for the executable.
+ * mapped file (libc.so.6, libdemo.so), its SONAME (libfoo.so.0 for
+ * libfoo.so.0.35.0), or "main" for the executable.
  * Argument mistakes (a non-function, an orig pointer of the wrong type, a
  * non-literal target) are compile errors, not surprises at apply time.
  */
@@ -46,6 +52,7 @@
 #define HOTPATCH_KIND_BIND32 5   /* a = 4-byte field holding an addend: the
                                     loader stores target + addend - a there
                                     (written by `hotpatch build`)            */
+#define HOTPATCH_KIND_CLONE_ABI 7 /* target = a replaced/wrapped gcc clone */
 
 /* A pointer field: a union so that functions need no (non-ISO)
  * function-to-object pointer conversion; 8 bytes either way. */
@@ -116,6 +123,9 @@ _Static_assert(sizeof(struct hotpatch_record) == 32, "hotpatch_record layout");
     _Static_assert(sizeof(hex) > 1, "HOTPATCH_BUILD_ID: empty build-id");     \
     HOTPATCH__RECORD(id, HOTPATCH_KIND_BUILD_ID, "" object "", {.obj = "" hex ""}, {0})
 
+#define HOTPATCH__CLONE_ABI(id, target) \
+    HOTPATCH__RECORD(id, HOTPATCH_KIND_CLONE_ABI, "" target "", {0}, {0})
+
 /* Public macros: `target`, `object` and `hex` must be string literals. */
 #define HOTPATCH_REPLACE(target, newfunc) \
     HOTPATCH__REPLACE(HOTPATCH__ID(hotpatch__rec_), target, newfunc)
@@ -125,5 +135,7 @@ _Static_assert(sizeof(struct hotpatch_record) == 32, "hotpatch_record layout");
     HOTPATCH__SYMBOL(HOTPATCH__ID(hotpatch__rec_), target, ptr_var)
 #define HOTPATCH_BUILD_ID(object, hex) \
     HOTPATCH__BUILD_ID(HOTPATCH__ID(hotpatch__rec_), object, hex)
+#define HOTPATCH_CLONE_ABI(target) \
+    HOTPATCH__CLONE_ABI(HOTPATCH__ID(hotpatch__rec_), target)
 
 #endif /* HOTPATCH_H */
