@@ -134,6 +134,7 @@ class PatchCycle:
         syms = self.target.symbols
         self._check_pins()
         seen: dict[int, str] = {}
+        switches: list[tuple[Replacement, Symbol, trampoline.FunctionCode]] = []
         for rep in self.patch.replacements:
             sym = syms.resolve(rep.target)
             self._refuse_wrong_target(rep, sym)
@@ -143,6 +144,12 @@ class PatchCycle:
             code = self._read_function(sym)
             # Refuse before mapping anything: exit 4 with the target untouched.
             trampoline.check_window(code, x86writer.JMP_REL32_LEN)
+            switches.append((rep, sym, code))
+        # A missing import is the plainer refusal: say it before any ABI analysis.
+        for imp in self.patch.imports:
+            if not imp.weak and self._bind(imp) is None:
+                raise loader.missing_import(self.patch, imp)
+        for rep, sym, code in switches:
             self.switches.append(Switch(rep, sym, code, preserve=self._callers_rely_on(rep, sym, code)))
         for ref in self.patch.symbol_refs:
             self.symbol_refs.append((ref.ptr, syms.resolve(ref.target)))

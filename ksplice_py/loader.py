@@ -54,6 +54,13 @@ def link(patch: PatchFile, base: int, bind: Binder,
     return LinkedImage(base, hi - lo, writes, _protections(patch, base))
 
 
+def missing_import(patch: PatchFile, imp) -> SymbolNotFound:
+    """The refusal for an import no loaded object of the target provides."""
+    ver = f"@{imp.version}" if imp.version else ""
+    return SymbolNotFound(f"{patch.name}: needs '{imp.name}{ver}', which the "
+                          "target's loaded objects do not provide")
+
+
 class _Symbols:
     """S of the relocation formulas; imports bound once per (name, version)."""
 
@@ -70,9 +77,7 @@ class _Symbols:
             if addr is None:
                 if r.imp.weak:
                     return 0  # unresolved weak reference: null, as ld.so does
-                ver = f"@{r.imp.version}" if r.imp.version else ""
-                raise SymbolNotFound(f"{self.patch.name}: needs '{r.imp.name}{ver}', which the "
-                                     "target's loaded objects do not provide")
+                raise missing_import(self.patch, r.imp)
             return addr
         if r.sym_value is not None:
             return r.sym_value if r.sym_abs else self.base + r.sym_value
