@@ -65,6 +65,7 @@ class AuditRecord:
     exit_code: int = 0
     error: str | None = None
     pause_us: float | None = None
+    consistency: str | None = None  # what the switch required (consistency.py)
     user: dict = field(default_factory=invoking_user)
     time: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     tool_pid: int = field(default_factory=os.getpid)
@@ -77,6 +78,7 @@ class AuditRecord:
     def patch_file(self, patch) -> None:
         self.patch, self.sha256 = os.path.abspath(patch.name), patch.sha256
         self.functions = [r.target for r in patch.replacements]
+        self.consistency = patch.consistency.value
 
     def edition_done(self, e) -> None:
         self.edition = e.id
@@ -84,6 +86,7 @@ class AuditRecord:
             self.patch, self.sha256 = e.patch, e.sha256
         self.functions = [f.symbol for f in e.functions] or self.functions
         self.pause_us = round(e.pause_us, 1) if e.pause_us else None
+        self.consistency = e.consistency
 
     def finish(self, exit_code: int, error: str | None = None) -> None:
         self.exit_code = exit_code

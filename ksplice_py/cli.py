@@ -18,6 +18,7 @@ import sys
 from typing import Callable
 
 from . import audit, errors, harness, trust
+from .consistency import Consistency
 from .cycle import HarnessChoice
 from .patchfile import PatchFile, cflags
 from .process import Process, attach
@@ -192,7 +193,7 @@ def do_list(a) -> tuple[list, str]:
     for e in eds:
         pause = f"{e.pause_us:.0f}µs" if e.pause_us else "-"
         rows.append(f"{e.id:>4}  {e.state:<10} {pause:>8}  {e.patch:<24} "
-                    + ", ".join(f.symbol for f in e.functions))
+                    + ", ".join(f.symbol for f in e.functions) + _consistency_note(e.consistency))
     return [e.to_dict() for e in eds], "\n".join(rows)
 
 
@@ -254,7 +255,14 @@ def do_info(a) -> tuple[dict, str]:
                        ("pins", "pinned to"), ("imports", "imports")):
         for item in d.get(key, []):
             lines.append(f"  {label:<13} {_fmt(item)}")
+    lines.append(f"  {'consistency':<13} {Consistency(d['consistency']).describe}")
     return d, "\n".join(lines)
+
+
+def _consistency_note(value: str) -> str:
+    """`list`: name the weaker mode plainly where it was used (issue #16)."""
+    c = Consistency(value) if value in {m.value for m in Consistency} else None
+    return f"  [consistency: {c.describe}]" if c is Consistency.NEW_CALLS else ""
 
 
 def _fmt(item) -> str:

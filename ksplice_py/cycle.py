@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 from . import editions as ed
 from . import harness, loader, placement, trampoline, x86writer
+from .consistency import Consistency, check_no_reentry
 from .errors import (BuildIdMismatch, HotpatchError, PatchMismatch, RemoteError, TargetGone,
                      TrampolineError)
 from .maps import read_maps
@@ -135,7 +136,8 @@ class PatchCycle:
             id=self.edition_id, patch=self.patch.name, sha256=self.patch.sha256,
             regions=[(r.start, r.size) for r in self.regions],
             pins={p.object: p.build_id for p in self.patch.pins}, prepared_at=time.time(),
-            staged=self.staged, harnesses=[h.name for h in chosen])
+            staged=self.staged, harnesses=[h.name for h in chosen],
+            consistency=self.patch.consistency.value)
         self._write_record()
 
     def _check_pins(self) -> None:
@@ -262,6 +264,8 @@ class PatchCycle:
         for sw in self.switches:
             sw.code = self._read_function(sw.sym)  # fresh: an edition may have landed
             sw.redirect = trampoline.plan_redirect(sw.code, sw.new_addr, near_stub=sw.far_stub)
+            if self.patch.consistency is Consistency.NEW_CALLS:
+                check_no_reentry(sw.code.name, sw.code.addr, sw.code.code[:sw.code.size], len(sw.redirect.old))
             if sw.redirect.stub_addr is not None:
                 self.mem.write(sw.redirect.stub_addr, sw.redirect.stub)
         self.edition.functions = [

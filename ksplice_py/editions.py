@@ -70,12 +70,14 @@ class Edition:
     prepared_at: float = 0.0
     staged: bool = False  # from `hotpatch prepare`: keep it prepared until cutover/abort
     harnesses: list[str] = field(default_factory=list)  # applied at cutover and at revert
+    consistency: str = "strict"  # consistency.Consistency: what the cutover required
     applied_at: float | None = None
     pause_us: float | None = None  # the stop that switched
     attempts: int = 0
     # Blocked attempts stop the world too: what the target really felt.
     longest_pause_us: float | None = None
     stopped_us: float | None = None
+    advanced: int = 0  # threads moved out of retired code by the switch (runout.py); not recorded
 
     @property
     def record_addr(self) -> int:
@@ -93,7 +95,8 @@ class Edition:
     # -- record encoding --------------------------------------------------
     def body(self) -> bytes:
         d = asdict(self)
-        for k in ("state", "applied_at", "pause_us", "attempts", "longest_pause_us", "stopped_us"):
+        for k in ("state", "applied_at", "pause_us", "attempts", "longest_pause_us", "stopped_us",
+                  "advanced"):
             d.pop(k)
         return json.dumps(d, separators=(",", ":")).encode()
 

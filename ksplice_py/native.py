@@ -15,6 +15,8 @@ from pathlib import Path
 from . import resources
 
 NATIVE_SRC = resources.csrc() / "native"
+# Each C source with its header (the header doubles as cffi's cdef).
+MODULES = ("kp_native", "kp_advance")
 
 
 def cache_dir() -> Path:
@@ -33,8 +35,8 @@ def _cdef(header: str) -> str:
 @lru_cache(maxsize=1)
 def load():
     """Return (ffi, lib) of the compiled helpers, compiling them if needed."""
-    header = (NATIVE_SRC / "kp_native.h").read_text()
-    source = (NATIVE_SRC / "kp_native.c").read_text()
+    header = "\n".join((NATIVE_SRC / f"{m}.h").read_text() for m in MODULES)
+    source = "\n".join((NATIVE_SRC / f"{m}.c").read_text() for m in MODULES)
     tag = hashlib.sha256((header + source + sys.version).encode()).hexdigest()[:16]
     modname = f"_kp_native_{tag}"
     outdir = cache_dir() / "native"
@@ -55,8 +57,8 @@ def _build(modname: str, header: str, outdir: Path) -> Path:
     ffi.cdef(_cdef(header))
     ffi.set_source(
         modname,
-        '#include "kp_native.h"\n',
-        sources=[str(NATIVE_SRC / "kp_native.c")],
+        "".join(f'#include "{m}.h"\n' for m in MODULES),
+        sources=[str(NATIVE_SRC / f"{m}.c") for m in MODULES],
         include_dirs=[str(NATIVE_SRC)],
         extra_compile_args=["-O2", "-Wall"],
     )

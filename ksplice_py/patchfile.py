@@ -20,7 +20,8 @@ from elftools.elf.elffile import ELFFile
 from elftools.elf.enums import ENUM_RELOC_TYPE_x64
 from elftools.elf.sections import SymbolTableSection
 
-from . import resources
+from . import consistency, resources
+from .consistency import Consistency
 
 from .errors import BadPatchFile, HotpatchError, UnsupportedPatch
 
@@ -78,7 +79,7 @@ def cflags() -> str:
 # --- manifest format (keep in sync with csrc/include/hotpatch.h) -------------
 MAGIC = 0x43545048
 VERSION = 1
-KIND_REPLACE, KIND_WRAP, KIND_SYMBOL, KIND_BUILD_ID = 1, 2, 3, 4
+KIND_REPLACE, KIND_WRAP, KIND_SYMBOL, KIND_BUILD_ID, KIND_CONSISTENCY = 1, 2, 3, 4, 5
 RECORD = struct.Struct("<IHHQQQ")  # magic, version, kind, target, a, b
 
 # --- relocation types -------------------------------------------------------
@@ -169,6 +170,7 @@ class PatchFile:
     func_names: dict[int, str]
     relocs: list[Reloc] = field(default_factory=list)
     needed: list[str] = field(default_factory=list)  # DT_NEEDED, informative
+    consistency: Consistency = Consistency.STRICT  # HOTPATCH_CONSISTENCY
 
     @classmethod
     def load(cls, path: str) -> "PatchFile":
@@ -214,6 +216,7 @@ class PatchFile:
             "pins": [{"object": p.object, "build_id": p.build_id} for p in self.pins],
             "imports": [{"name": i.name, "version": i.version, "weak": i.weak} for i in self.imports],
             "needed": list(self.needed),
+            "consistency": self.consistency.value,
         }
 
 
@@ -282,6 +285,7 @@ class _Parser:
         self.relocs = self.read_relocs()
         self.reloc_at = {r.offset: r for r in self.relocs if r.type != R_NONE}
         self.check_initialisers()
+        self.consistency = Consistency.STRICT
         replacements, symbol_refs, pins = self.read_manifest()
         imports = list(dict.fromkeys(
             Import(s.name, s.version, s.bind == "STB_WEAK")
@@ -294,6 +298,7 @@ class _Parser:
             replacements=replacements,
             symbol_refs=symbol_refs,
             pins=pins,
+            consistency=self.consistency,
             segments=self.segments,
             imports=imports,
             span=self.span,
@@ -667,6 +672,8 @@ class _Parser:
                 refs.append(SymbolRef(target, self.var_addr(a, target)))
             elif kind == KIND_BUILD_ID:
                 pins.append(self.make_pin(target, a, what))
+            elif kind == KIND_CONSISTENCY:
+                self.consistency = consistency.parse(target, f"HOTPATCH_CONSISTENCY {what}")
             else:
                 raise self.bad(f"{what} has unknown kind {kind}")
         if not (replacements or refs or pins):

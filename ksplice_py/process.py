@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from . import editions as ed
-from . import trust
+from . import runout, trust
 from .cycle import HarnessChoice, PatchCycle
 from .errors import AccessDenied, BadInput, HotpatchError, RemoteError, TargetGone
 from .identity import TargetHandle, check_architecture
@@ -257,6 +257,8 @@ class Process:
                 for fd in leaked:
                     inj("close", fd)
             done.append(f"closed {len(leaked)} descriptor(s) an interrupted tool left open")
+        if runout.remove_leftovers(self.pid, self.mem):
+            done.append("removed the run-out copy of an interrupted hot-function switch")
         for eid in orphans:  # killed before its record was complete
             unmap_regions(self, [(m.start, m.end - m.start) for m in regions[eid]])
             done.append(f"removed the memory of edition {eid}, interrupted while preparing")

@@ -289,6 +289,8 @@ class Injector:
             rc = self.lib.kp_seize(tid, self.lib.KP_SYSCALL_STOPS)
             if rc == -errno.ESRCH:
                 continue
+            if rc == -errno.EPERM and _tracer_of(self.pid, tid) == os.getpid():
+                continue  # still ours from a World whose stop it missed: borrow another
             if rc != 0:
                 raise _seize_error(self.pid, tid, -rc)
             self._t[0].tid, self._t[0].state, self._n[0] = tid, self.lib.KP_RUNNING, 1

@@ -14,10 +14,11 @@ import os
 import random
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from . import editions as ed
-from . import harness, quiescence
+from . import consistency, harness, quiescence, runout
+from .consistency import Consistency
 from .errors import HotpatchError, NotQuiescent, PatchMismatch, RemoteError
 from .maps import read_maps
 from .quiescence import Blocker, CodeRange
@@ -35,6 +36,7 @@ class AttemptResult:
     done: bool
     pause_us: float = 0.0
     blockers: list[Blocker] = field(default_factory=list)
+    in_rip: bool = False  # some thread was executing retired code (hot-function case)
 
 
 @contextmanager
@@ -88,16 +90,19 @@ class Transition:
         self.attempts = 0
         self.longest_pause_us = 0.0
         self.stopped_us = 0.0
+        self.advanced = 0  # threads moved out of retired code (runout.py)
         others = [e for e in proc.editions() if e.id != edition.id]
         self._check_code(others)
         self.harnesses = harness.by_names(edition.harnesses)
         # Harness-critical code counts in both directions: switching resolver
         # code (either way) while a thread is inside the resolver is unsafe.
         self.ranges = quiescence.busy_ranges(
-            self._busy_ranges(others), harness.critical_ranges(self.harnesses, proc.symbols))
+            self._busy_ranges(others), harness.critical_ranges(self.harnesses, proc.symbols)
+            + runout.leftovers(read_maps(self.pid)))
         self.checks = [h for h in self.harnesses if h.check]
         self.writes = self._writes()
         self.unwinder: Unwinder | None = None  # built after a first blocked attempt
+        self.runout: runout.Runout | None = None  # likewise, when a thread was in retired code
         self._backtraces: dict[int, list[int]] = {}
 
     # -- init: everything computed before any thread stops ------------------------
@@ -122,6 +127,10 @@ class Transition:
                 f"{self.edition.id} expects; abort and prepare again")
 
     def _busy_ranges(self, others: list[ed.Edition]) -> list[CodeRange]:
+        if self.direction == APPLY and self.edition.consistency == Consistency.NEW_CALLS:
+            # Weaker, by the patch's explicit choice: threads may finish old bodies.
+            return [consistency.overwritten(f.addr, len(bytes.fromhex(f.old_bytes)), f.symbol)
+                    for f in self.functions]
         if self.direction == APPLY:
             old = [CodeRange(f.addr, f.addr + max(f.size, len(bytes.fromhex(f.old_bytes))), f.symbol)
                    for f in self.functions]
@@ -169,6 +178,12 @@ class Transition:
         for h in self.harnesses:
             if h.before_cutover:
                 h.before_cutover(self.proc, self.edition)
+        try:
+            return self._retry(deadline, timeout)
+        finally:
+            self._close_runout()
+
+    def _retry(self, deadline: float, timeout: float) -> AttemptResult:
         while True:
             self.attempts += 1
             result = self.try_complete(write=True)
@@ -183,6 +198,7 @@ class Transition:
                 # one more attempt, with precise unwinding, even when time is up
                 self.prepare_precise()
                 remaining = max(remaining, 0.001)
+            self._open_runout(result)
             if remaining <= 0:
                 verb = "switch" if self.direction == APPLY else "revert"
                 raise NotQuiescent(
@@ -206,9 +222,30 @@ class Transition:
         result = self.try_complete(write=False)
         if not result.done:
             self.prepare_precise()
+            self._open_runout(result)
             self.attempts += 1
-            result = self.try_complete(write=False)
+            try:
+                result = self.try_complete(write=False)
+            finally:
+                self._close_runout()
         return result
+
+    def _open_runout(self, result: AttemptResult) -> None:
+        """Hot functions (runout.py): once an attempt found a thread executing
+        retired code, map the run-out copy that lets the next attempts move
+        such threads out instead of waiting for them."""
+        if result.in_rip and self.runout is None:
+            self.runout = runout.Runout(self.pid, self.mem, self.ranges)
+            try:
+                self.runout.prepare()
+            except HotpatchError:  # no room near the code, say: wait as before
+                self.runout.plan = None
+
+    def _close_runout(self) -> None:
+        if self.runout is not None:
+            self.advanced += self.runout.advanced
+            self.runout.close()
+            self.runout = None
 
     def try_complete(self, write: bool) -> AttemptResult:
         """One attempt: stop every thread, check, write if safe, release.
@@ -228,8 +265,13 @@ class Transition:
                 unsafe = world.scan(lo_hi, maps) if not late else 0
                 if unsafe and any(t.unsafe == quiescence.STACK_UNKNOWN for t in world.threads()):
                     unsafe = world.scan(lo_hi, read_maps(self.pid))
+                rescan = lambda: world.scan(lo_hi, maps)  # noqa: E731
+                if unsafe and self.runout is not None:  # hot functions, before any slow path
+                    unsafe = self.runout.advance(world, unsafe, rescan)
                 if unsafe and self.unwinder is not None:
                     unsafe -= self._precise(world)
+                if unsafe and self.runout is not None:  # the deeper ones were false positives
+                    unsafe = self.runout.advance(world, unsafe, rescan)
                 vetoes = self._run_checks(world) if not late and not unsafe else []
                 if not late and not unsafe and not vetoes and write:
                     self._write_all(world)
@@ -243,7 +285,8 @@ class Transition:
         if late or verdicts or vetoes:
             blockers = self._blockers(verdicts, late) + [
                 Blocker(tid, quiescence.thread_name(self.pid, tid), reason) for tid, reason in vetoes]
-            return AttemptResult(False, pause, blockers)
+            return AttemptResult(False, pause, blockers,
+                                 in_rip=any(v == quiescence.IN_RIP for _, v, _ in verdicts))
         return AttemptResult(True, pause)
 
     def _precise(self, world: World) -> int:
@@ -305,6 +348,9 @@ class Transition:
         out = [quiescence.blocker(self.pid, tid, v, val, self.ranges, self.proc.symbolize,
                                   self._backtraces.get(tid, ()))
                for tid, v, val in verdicts]
+        notes = self.runout.notes if self.runout is not None else {}
+        out = [replace(b, reason=f"{b.reason}; moving it out failed: it {notes[b.tid]}")
+               if b.tid in notes else b for b in out]
         out += [quiescence.blocker(self.pid, tid, quiescence.NOT_STOPPED, 0, self.ranges, self.proc.symbolize)
                 for tid in late]
         return out
@@ -314,6 +360,7 @@ class Transition:
         e = self.edition
         e.pause_us, e.attempts = result.pause_us, self.attempts
         e.longest_pause_us, e.stopped_us = self.longest_pause_us, self.stopped_us
+        e.advanced = self.advanced + (self.runout.advanced if self.runout else 0)
         if self.direction == APPLY:
             e.state, e.applied_at = "applied", time.time()
             self.mem.write(e.record_addr, e.header())
