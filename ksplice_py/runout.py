@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import os
 import struct
+import time
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -306,12 +307,15 @@ class Runout:
         (then ``recover`` removes it once no thread is inside)."""
         if not self.base or self.lost:
             return
-        try:
-            with Injector(self.pid, self.mem) as inj:
-                inj("munmap", self.base, self.size)
-        except HotpatchError:
-            return  # left for recover; it is busy code to every transition meanwhile
-        self.base = 0
+        for retry in range(3):
+            try:
+                with Injector(self.pid, self.mem) as inj:
+                    inj("munmap", self.base, self.size)
+                self.base = 0
+                return
+            except HotpatchError:  # no thread to borrow right now (loaded machine), or gone
+                time.sleep(0.05 * (retry + 1))
+        # Left for recover; it is busy code to every transition meanwhile.
 
     # -- inside the window ----------------------------------------------------------
     def advance(self, world, unsafe: int, scan) -> int:

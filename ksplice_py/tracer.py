@@ -283,14 +283,14 @@ class Injector:
     def _borrow(self) -> None:
         live = list_tids(self.pid)  # zombies (an exited leader) excluded
         tids = ([self.tid] if self.tid in live else []) + [t for t in live if t != self.tid]
+        # One still ours (a World's stop it missed) cannot be borrowed: skip those.
+        tids = [t for t in tids if _tracer_of(self.pid, t) != os.getpid()]
         for tid in tids[:4]:  # a thread may be stuck (D state); try a few
             # No PTRACE_O_TRACECLONE: this thread must never stop inside a
             # clone() (see kp_inject_syscall), and its children are not ours.
             rc = self.lib.kp_seize(tid, self.lib.KP_SYSCALL_STOPS)
             if rc == -errno.ESRCH:
                 continue
-            if rc == -errno.EPERM and _tracer_of(self.pid, tid) == os.getpid():
-                continue  # still ours from a World whose stop it missed: borrow another
             if rc != 0:
                 raise _seize_error(self.pid, tid, -rc)
             self._t[0].tid, self._t[0].state, self._n[0] = tid, self.lib.KP_RUNNING, 1

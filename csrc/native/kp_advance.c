@@ -17,7 +17,7 @@
 #define PTRACE_EVENT_STOP 128
 #endif
 
-enum phase { DONE, TO_STUB, TO_EXIT_STOP };
+enum phase { DONE, TO_STUB };
 
 /* The stub prefix (runout.py: STUB_PREFIX): lea rsp,[rsp-128] (5); push rax
  * (1); push rcx (1); push r11 (2); mov eax,39 (5); syscall (2). For each
@@ -93,7 +93,7 @@ static int put_back_regs(int pid, const struct kp_runout *ro, struct kp_regs *r)
     return 0;
 }
 
-/* At the syscall-exit stop of stub i: finish the exit (or undo a barrier)
+/* At the syscall-entry stop of stub i: finish the exit (or undo a barrier)
  * in the registers, so the thread resumes outside our memory altogether. */
 static int leave_stub(int pid, const struct kp_runout *ro, long i, struct kp_regs *r)
 {
@@ -162,8 +162,7 @@ static int start(int pid, struct kp_thread *th, const struct kp_runout *ro)
 }
 
 /* One wait status of an advancing thread; returns the verdict, or -1 to keep waiting. */
-static int on_stop(int pid, const struct kp_runout *ro, struct kp_thread *th, int *phase,
-                   long *stub, int st)
+static int on_stop(int pid, const struct kp_runout *ro, struct kp_thread *th, int st)
 {
     if (WIFEXITED(st) || WIFSIGNALED(st)) {
         th->state = KP_GONE;
@@ -177,20 +176,15 @@ static int on_stop(int pid, const struct kp_runout *ro, struct kp_thread *th, in
     int event = (unsigned)st >> 16, sig = WSTOPSIG(st);
     if (sig == (SIGTRAP | 0x80)) {
         int off = 0;
-        if (*phase == TO_EXIT_STOP) {           /* getpid done: step out of the stub */
-            struct kp_regs r = th->regs;
-            if (leave_stub(pid, ro, *stub, &r) || setregs(th, &r))
-                return KP_ADV_LOST;
-            return ro->stub_kind[*stub] == KP_STUB_EXIT ? KP_ADV_OUT : KP_ADV_BARRIER;
-        }
         long i = stub_index(ro, th->regs.rip, &off);
-        if (i >= 0 && off == KP_STUB_SYSCALL_END) {  /* a stub's getpid: run it to its exit */
-            *stub = i;
-            *phase = TO_EXIT_STOP;
-            if (ptrace(PTRACE_SYSCALL, th->tid, 0, 0) != 0)
+        if (i >= 0 && off == KP_STUB_SYSCALL_END) {
+            /* Entry stop of a stub's getpid: skip it (orig_rax = -1 keeps
+             * the registers we set, rax included) and finish the exit, or
+             * undo the barrier, in the registers. One scheduling round. */
+            struct kp_regs r = th->regs;
+            if (leave_stub(pid, ro, i, &r) || setregs(th, &r))
                 return KP_ADV_LOST;
-            th->state = KP_RUNNING;
-            return -1;
+            return ro->stub_kind[i] == KP_STUB_EXIT ? KP_ADV_OUT : KP_ADV_BARRIER;
         }
         /* The code's own syscall (it may block): let it run from the original. */
         struct kp_regs r = th->regs;
@@ -203,25 +197,12 @@ static int on_stop(int pid, const struct kp_runout *ro, struct kp_thread *th, in
     if (event == 0) {                            /* signal-delivery-stop */
         note_sig(th, sig);
         th->event = 0;
-        if (*phase == TO_EXIT_STOP) {            /* cannot happen inside getpid; go on */
-            th->nsigs--;
-            if (ptrace(PTRACE_SYSCALL, th->tid, 0, (void *)(long)sig) != 0)
-                return KP_ADV_LOST;
-            th->state = KP_RUNNING;
-            return -1;
-        }
         return put_back(pid, ro, th, KP_ADV_SIGNAL);
     }
     if (event == PTRACE_EVENT_STOP) {            /* our interrupt, or a group stop */
         th->event = event;
         if (sig == SIGSTOP || sig == SIGTSTP || sig == SIGTTIN || sig == SIGTTOU)
             th->group_stop = 1;
-        if (*phase == TO_EXIT_STOP) {
-            if (ptrace(PTRACE_SYSCALL, th->tid, 0, 0) != 0)
-                return KP_ADV_LOST;
-            th->state = KP_RUNNING;
-            return -1;
-        }
         return put_back(pid, ro, th, KP_ADV_TIMEOUT);
     }
     /* Any other event stop (clone/exec/exit come after a syscall entry we
@@ -245,7 +226,6 @@ int kp_advance_all(int pid, struct kp_thread *t, const int *idx, int k,
                    const struct kp_runout *ro, long budget_us, int *result)
 {
     static int phase[MAX_ADVANCE];
-    static long stub[MAX_ADVANCE];
     static char interrupted[MAX_ADVANCE];
     if (k > MAX_ADVANCE)
         k = MAX_ADVANCE;
@@ -276,7 +256,7 @@ int kp_advance_all(int pid, struct kp_thread *t, const int *idx, int k,
                 continue;
             progress++;
             int v = w < 0 ? (th->state = KP_GONE, KP_ADV_GONE)
-                          : on_stop(pid, ro, th, &phase[j], &stub[j], st);
+                          : on_stop(pid, ro, th, st);
             if (v >= 0) {
                 result[j] = v;
                 phase[j] = DONE;
