@@ -21,23 +21,35 @@ int main(int argc, char **argv)
     if (!target)
         for (volatile int x = 0;; x++)
             ;
+    int ready[2];
+    if (pipe(ready))
+        return 3;
     pid_t tracer = fork();
     if (!tracer) {
         ptrace(PTRACE_SEIZE, target, 0, 0);
         ptrace(PTRACE_INTERRUPT, target, 0, 0);
         waitpid(target, NULL, __WALL);
         ptrace(request, target, 0, 0);
-        waitpid(target, NULL, __WALL); /* a step done (or a syscall stop never comes) */
-        ptrace(request, target, 0, 0);
+        if (request == PTRACE_SINGLESTEP) { /* one step done, stepping again */
+            waitpid(target, NULL, __WALL);
+            ptrace(request, target, 0, 0);
+        } /* (the loop makes no syscall: it runs on under PTRACE_SYSCALL) */
+        if (write(ready[1], "x", 1) != 1)
+            return 3;
         for (;;)
             pause(); /* SIGKILLed here */
     }
-    usleep(300000);
+    char c;
+    if (read(ready[0], &c, 1) != 1) /* however loaded the machine: only once armed */
+        return 3;
     kill(tracer, SIGKILL);
     waitpid(tracer, NULL, 0);
-    usleep(300000);
-    int st = 0;
-    if (waitpid(target, &st, WNOHANG) == target && WIFSIGNALED(st))
+    int st = 0, dead = 0;
+    for (int i = 0; i < 200 && !dead; i++) { /* up to 2 s for the trap to be taken */
+        usleep(10000);
+        dead = waitpid(target, &st, WNOHANG) == target;
+    }
+    if (dead && WIFSIGNALED(st))
         printf("killed by signal %d\n", WTERMSIG(st));
     else
         printf("alive\n");
