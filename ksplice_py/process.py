@@ -257,7 +257,7 @@ class Process:
                 for fd in leaked:
                     inj("close", fd)
             done.append(f"closed {len(leaked)} descriptor(s) an interrupted tool left open")
-        if runout.remove_leftovers(self.pid, self.mem):
+        if runout.remove_leftovers(self.pid, self.mem, timeout):
             done.append("removed the run-out copy of an interrupted hot-function switch")
         for eid in orphans:  # killed before its record was complete
             unmap_regions(self, [(m.start, m.end - m.start) for m in regions[eid]])

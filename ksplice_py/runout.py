@@ -378,18 +378,22 @@ def leftovers(maps: list[Mapping]) -> list[CodeRange]:
             for m in maps if m.path.startswith(f"/memfd:{NAME}")]
 
 
-def remove_leftovers(pid: int, mem) -> int:
+def remove_leftovers(pid: int, mem, timeout: float = 5.0) -> int:
     """Unmap the leftover run-out copies once no thread is inside one (rip
-    or stack; nothing else can enter a copy). Returns how many were removed."""
+    or stack; nothing else can enter a copy), retrying until ``timeout``.
+    Returns how many were removed (0: none, or still busy: left for later)."""
     left = leftovers(read_maps(pid))
-    if not left:
-        return 0
-    with World(pid).seize() as world:
-        late = world.stop(0.2)
-        busy = late or world.scan([(r.start, r.end) for r in left], read_maps(pid))
-    if busy:
-        return 0
-    with Injector(pid, mem) as inj:
-        for r in left:
-            inj("munmap", r.start, r.end - r.start)
-    return len(left)
+    deadline = time.monotonic() + timeout
+    while left:
+        with World(pid).seize() as world:
+            late = world.stop(0.2)
+            busy = late or world.scan([(r.start, r.end) for r in left], read_maps(pid))
+        if not busy:
+            with Injector(pid, mem) as inj:
+                for r in left:
+                    inj("munmap", r.start, r.end - r.start)
+            return len(left)
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    return 0
