@@ -54,11 +54,16 @@ STUB_PREFIX = bytes.fromhex("488d642480" "50" "51" "4153" "b827000000" "0f05")
 STUB_SUFFIX = bytes.fromhex("415b" "59" "58" "488da42480000000")
 MAX_RANGE = 64 << 10  # bigger retired ranges (whole libraries' worth) are not copied
 MAX_TOTAL = 256 << 10
-# Time for the advanced threads to get out, per attempt: a base plus a share
-# per thread (each needs a CPU twice). KSPLICE_PY_ADVANCE_BUDGET_US overrides
+# Time for the advanced threads to get out, per attempt: a base (or twice
+# what the stop took, on a loaded machine) plus a share per thread. KSPLICE_PY_ADVANCE_BUDGET_US overrides
 # the base (the crash-safety test stretches it to be killed mid-advance).
 BUDGET_US = int(os.environ.get("KSPLICE_PY_ADVANCE_BUDGET_US", 2000))
 BUDGET_PER_THREAD_US = 40
+
+
+def budget_us(threads: int, stop_us: float) -> int:
+    """Time the advanced threads get, together: each needs a CPU once."""
+    return int(max(BUDGET_US, 2 * stop_us) + BUDGET_PER_THREAD_US * threads)
 
 
 class Stub(Enum):
@@ -318,10 +323,12 @@ class Runout:
         # Left for recover; it is busy code to every transition meanwhile.
 
     # -- inside the window ----------------------------------------------------------
-    def advance(self, world, unsafe: int, scan) -> int:
+    def advance(self, world, unsafe: int, scan, stop_us: float = 0.0) -> int:
         """Advance every thread whose rip is in retired code, when those are
-        the only ones in the way; ``scan()`` re-scans the world. Returns the
-        new unsafe count."""
+        the only ones in the way; ``scan()`` re-scans the world. ``stop_us``,
+        how long this attempt's threads took to reach their stops, says how
+        long a thread waits for a CPU right now: the budget allows twice
+        that. Returns the new unsafe count."""
         if self.plan is None or self._moved_in is world:
             return unsafe  # at most once per stopped window
         threads = world.threads()
@@ -334,7 +341,7 @@ class Runout:
         t0 = lib.kp_now_us()
         result = ffi.new("int[]", len(idx))
         out = lib.kp_advance_all(world.pid, world._arr, ffi.new("int[]", idx), len(idx),
-                                 self.ro, BUDGET_US + BUDGET_PER_THREAD_US * len(idx), result)
+                                 self.ro, budget_us(len(idx), stop_us), result)
         self.advanced += out
         self.last_us = lib.kp_now_us() - t0
         self.notes = {threads[n].tid: GIVE_UP.get(result[j], "could not be advanced")

@@ -261,17 +261,18 @@ class Transition:
             # reach their stop, and at SCHED_FIFO our polling keeps them off
             # ours (64 threads: 7 ms -> 0.6 ms; 256: 34 ms -> 3 ms).
             late = world.stop(STOP_TIMEOUT)
+            stop_us = world.lib.kp_now_us() - t0
             with realtime():  # from here on, nothing of the target should run
                 unsafe = world.scan(lo_hi, maps) if not late else 0
                 if unsafe and any(t.unsafe == quiescence.STACK_UNKNOWN for t in world.threads()):
                     unsafe = world.scan(lo_hi, read_maps(self.pid))
                 rescan = lambda: world.scan(lo_hi, maps)  # noqa: E731
                 if unsafe and self.runout is not None:  # hot functions, before any slow path
-                    unsafe = self.runout.advance(world, unsafe, rescan)
+                    unsafe = self.runout.advance(world, unsafe, rescan, stop_us)
                 if unsafe and self.unwinder is not None:
                     unsafe -= self._precise(world)
                 if unsafe and self.runout is not None:  # the deeper ones were false positives
-                    unsafe = self.runout.advance(world, unsafe, rescan)
+                    unsafe = self.runout.advance(world, unsafe, rescan, stop_us)
                 vetoes = self._run_checks(world) if not late and not unsafe else []
                 if not late and not unsafe and not vetoes and write:
                     self._write_all(world)
