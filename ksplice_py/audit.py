@@ -8,10 +8,17 @@ recover) leaves one record, whatever its outcome:
   the message is the record as JSON. Without a syslog daemon the libc call
   drops it silently, and any error there is ignored: logging must never be
   the reason a patch fails or is left half-done;
-* in ``--log-file PATH`` as one JSON line, appended with a single write(2)
-  on an O_APPEND descriptor, so concurrent tools never interleave lines.
-  The log file is opened *before* the target is touched, so a bad path is
-  refused (exit 2) up front rather than discovered after a change.
+* in a JSON-lines file, one line a record appended with a single write(2)
+  on an O_APPEND descriptor, so concurrent tools never interleave lines:
+  /var/log/ksplice_py/audit.jsonl by default (many machines have no syslog
+  daemon), ``$KSPLICE_PY_AUDIT_LOG`` or ``--log-file PATH`` instead (empty:
+  none). A path given explicitly is opened *before* the target is touched,
+  so a bad one is refused (exit 2) up front rather than discovered after a
+  change; the default one is best effort, like syslog.
+
+The library writes the records (process.py), so a program using it is
+audited exactly like the CLI; the CLI adds one only for a command that failed
+before reaching the library (a bad patch file, no such process).
 """
 from __future__ import annotations
 
@@ -21,8 +28,15 @@ import pwd
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 from .errors import BadInput
+from .lifecycle import State
+
+if TYPE_CHECKING:
+    from .editions import Edition
+    from .patchfile import PatchFile
+    from .target import Target
 
 try:  # not every Python build ships it; never a reason to fail
     import syslog
@@ -31,6 +45,8 @@ except ImportError:  # pragma: no cover
 
 SYSLOG_IDENT = "hotpatch"
 AUDITED = ("apply", "prepare", "cutover", "abort", "revert", "recover")
+DEFAULT_LOG = "/var/log/ksplice_py/audit.jsonl"
+LOG_ENV = "KSPLICE_PY_AUDIT_LOG"  # another path, or empty for no file
 
 
 def invoking_user() -> dict:
@@ -66,26 +82,35 @@ class AuditRecord:
     error: str | None = None
     pause_us: float | None = None
     consistency: str | None = None  # what the switch required (consistency.py)
+    already_applied: bool | None = None  # apply found the same content applied: nothing done
     user: dict = field(default_factory=invoking_user)
     time: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     tool_pid: int = field(default_factory=os.getpid)
 
     # -- filled in by the CLI as it learns things ---------------------------------
-    def target(self, proc) -> None:
-        self.pid, self.exe = proc.pid, proc.exe
-        self.target_start_time = getattr(proc, "start_time", None)
+    def target(self, target: Target) -> None:
+        self.pid, self.exe = target.pid, target.exe
+        self.target_start_time = target.handle.start_time
 
-    def patch_file(self, patch) -> None:
+    def patch_file(self, patch: PatchFile) -> None:
         self.patch, self.sha256 = os.path.abspath(patch.name), patch.sha256
         self.functions = [r.target for r in patch.replacements]
         self.consistency = patch.consistency.value
 
-    def edition_done(self, e) -> None:
+    def edition_done(self, e: Edition) -> None:
+        """What the command did to edition ``e``. Every action names the
+        patch as the edition's record does (its absolute path), so an apply
+        and its revert read alike."""
         self.edition = e.id
-        if not self.patch:
-            self.patch, self.sha256 = e.patch, e.sha256
+        if e.patch:
+            self.patch = e.patch
+        self.sha256 = e.sha256 or self.sha256
         self.functions = [f.symbol for f in e.functions] or self.functions
-        self.pause_us = round(e.pause_us, 1) if e.pause_us else None
+        pause = e.revert_pause_us if e.state == State.REVERTED else e.pause_us
+        if e.already_applied:
+            pause = None  # nothing was stopped this time
+        self.pause_us = round(pause, 1) if pause else None
+        self.already_applied = e.already_applied or None
         self.consistency = e.consistency
 
     def finish(self, exit_code: int, error: str | None = None) -> None:
@@ -98,22 +123,49 @@ class AuditRecord:
         return json.dumps(d, sort_keys=False, ensure_ascii=True)
 
 
+def default_log_path() -> str | None:
+    """The persistent log: $KSPLICE_PY_AUDIT_LOG (empty: none) or DEFAULT_LOG."""
+    path = os.environ.get(LOG_ENV, DEFAULT_LOG)
+    return path or None
+
+
 class AuditLog:
-    """Where records go: syslog always (best effort), a JSON-lines file if
-    asked. Open it before touching the target."""
+    """Where records go: syslog (best effort) and a JSON-lines file. Open it
+    before touching the target."""
 
     def __init__(self, path: str | None = None, use_syslog: bool = True) -> None:
         self.path = path
         self.use_syslog = use_syslog and syslog is not None
+        self.written = 0  # records written: the CLI adds its own only when 0
         self._fd: int | None = None
         if path:
             try:
-                self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
-                                   | os.O_NOCTTY, 0o600)
+                self._fd = self._open(path)
             except OSError as e:
                 raise BadInput(f"cannot open log file {path}: {e.strerror or e}") from None
 
+    @classmethod
+    def default(cls) -> "AuditLog":
+        """syslog plus the persistent log of default_log_path(). Its
+        directory is created (0700) if missing; where that is impossible (a
+        user without rights to /var/log) the file is skipped, as syslog is
+        without a daemon: logging never fails an operation."""
+        log = cls(None)
+        path = default_log_path()
+        if path:
+            try:
+                os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
+                log._fd, log.path = cls._open(path), path
+            except OSError:
+                pass
+        return log
+
+    @staticmethod
+    def _open(path: str) -> int:
+        return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOCTTY, 0o600)
+
     def write(self, record: AuditRecord) -> None:
+        self.written += 1
         line = record.to_json()
         if self.use_syslog:
             self._syslog(record, line)

@@ -1,45 +1,41 @@
 """`hotpatch`: a thin layer that parses, calls the library, and prints.
 
-Exit codes (design.md): 0 done, 2 bad usage/input, 3 no safe moment,
-4 patch does not fit, 1 anything else. Errors are one line on stderr.
+Exit codes (docs/design.md): 0 done, 2 bad usage/input, 3 no safe moment,
+4 patch does not fit, 1 anything else, 130/143 interrupted before the switch.
+Errors are one line on stderr. The outcome is decided before anything is
+printed, so a failing stdout never changes it (docs/automation.md).
 
 Hardening (docs/security.md): patch files are read once through trust.py
 (as root: ownership and modes checked, ``--insecure`` to skip; ``--sha256``
-pins the content); every command that changes a target is recorded by
-audit.py in syslog and, with ``--log-file``, as a JSON line.
+pins the content); every command that changes a target is recorded by the
+library (audit.py: syslog and a JSON-lines file, ``--log-file`` to move it).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import signal
 import sys
 from typing import Callable
 
-from . import audit, errors, harness, trust
+from . import __version__, audit, errors, harness, interrupts, trust
 from .consistency import Consistency
 from .cycle import HarnessChoice
 from .patchfile import PatchFile, cflags
 from .process import Process, attach
 
 
-class _Usage(errors.BadInput):
-    pass
-
-
-class Interrupted(BaseException):
-    """SIGTERM/SIGINT: unwind through every cleanup path, then exit 1."""
-
-
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit 2, no usage dump
-        raise _Usage(f"{message} (see hotpatch --help)")
+        raise errors.UsageError(f"{message} (see hotpatch --help)")
 
 
 def _pid(text: str) -> int:
     if not text.isdigit():
-        raise _Usage(f"pid must be a number, not {text!r}")
+        raise errors.UsageError(f"pid must be a number, not {text!r}")
     return int(text)
 
 
@@ -47,9 +43,9 @@ def _seconds(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise _Usage(f"--timeout takes seconds, not {text!r}") from None
-    if not 0 < value <= 86400:
-        raise _Usage("--timeout must be between 0 and 86400 seconds")
+        raise errors.UsageError(f"--timeout takes seconds, not {text!r}") from None
+    if not 0 <= value <= 86400:  # 0: try once
+        raise errors.UsageError("--timeout takes 0 (try once) to 86400 seconds")
     return value
 
 
@@ -70,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     _harness_options(c)
     _trust_options(c)
     _log_option(c)
+    c.add_argument("--again", action="store_true",
+                   help="apply even if the same patch (by sha256) is already applied: stack another copy")
     c = cmd("check", "would the patch apply now? (prepare, finalize, one probe, abort)")
     c.add_argument("pid", type=str)
     c.add_argument("patch")
@@ -106,11 +104,77 @@ def build_parser() -> argparse.ArgumentParser:
     cmd("cflags", "compiler flags for building patches")
     cmd("harnesses", "the quiescence harnesses installed")
     sub.add_parser("demo", help="the live DNS-server demo (hotpatch demo --help)", add_help=False)
+    _conventions(p)
     return p
 
 
+# -- what every command-line tool is expected to have ------------------------------
+
+USAGE = """hotpatch PID PATCH [--timeout S] [apply options]   (short for: hotpatch apply PID PATCH)
+       hotpatch COMMAND [--json] [options] ...             (hotpatch COMMAND --help)
+       hotpatch --version | --print-completion {bash,zsh} | --print-man-page"""
+
+EXIT_CODES = """exit status:
+  0    done (also: already applied, nothing to do)
+  1    anything else (the target went away, an internal error)
+  2    bad usage or bad input (options, pid, patch file)
+  3    no safe moment within --timeout; the target is untouched
+  4    the patch does not fit this target (missing symbol, build-id, trampoline)
+  130  interrupted by SIGINT before the switch; the target is untouched (143: SIGTERM)
+
+errors are one line on stderr; with --json the result (or the error) is JSON on stdout."""
+
+# Help for positional arguments, wherever a command declares them without it.
+ARG_HELP = {
+    "pid": "process id of the target",
+    "patch": "the patch .so, built with: cc -shared -fPIC -O2 $(hotpatch cflags)",
+    "id": "edition id (see hotpatch list); default: the newest in the right state",
+}
+
+
+def _conventions(p: argparse.ArgumentParser) -> None:
+    """--version, completion and man page; the short form and the exit codes
+    in --help; help text for every argument of every command."""
+    import shtab
+
+    p.usage, p.epilog = USAGE, EXIT_CODES
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.add_argument("--version", action="version", version=f"hotpatch (ksplice_py) {__version__}")
+    shtab.add_argument_to(p, ["--print-completion"], help="print a bash or zsh completion script")
+    p._option_string_actions["--print-completion"].choices = ("bash", "zsh")  # the ones tested
+    p.add_argument("--print-man-page", action=_ManPage, help="print the manual page (roff)")
+    for action in _subcommand_actions(p):
+        if action.help is None and action.dest in ARG_HELP:
+            action.help = ARG_HELP[action.dest]
+        if action.dest == "patch":
+            action.complete = shtab.FILE  # type: ignore[attr-defined]
+
+
+def _subcommand_actions(p: argparse.ArgumentParser):
+    for group in p._subparsers._group_actions if p._subparsers else ():
+        for sub in group.choices.values():
+            yield from sub._actions
+
+
+class _ManPage(argparse.Action):
+    def __init__(self, option_strings, dest, help=None):
+        super().__init__(option_strings, dest, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from argparse_manpage.manpage import Manpage
+
+        page = Manpage(parser)
+        page.description = "replace functions in a running x86-64 Linux process"
+        forms = [line.strip().split("  (")[0].split(None, 1) for line in USAGE.splitlines()]
+        page.add_section("synopsis", "=", "\n.br\n".join(
+            f".B {prog}\n" + rest.strip().replace("-", "\\-") for prog, rest in forms))
+        print(str(page))
+        parser.exit(0)
+
+
 def _timeout_option(c: argparse.ArgumentParser) -> None:
-    c.add_argument("--timeout", type=str, default="5", help="seconds to wait for a safe moment (default 5)")
+    c.add_argument("--timeout", type=str, default="5", metavar="S",
+                   help="seconds to wait for a safe moment (default 5; 0: try once)")
 
 
 def _harness_options(c: argparse.ArgumentParser) -> None:
@@ -128,7 +192,8 @@ def _trust_options(c: argparse.ArgumentParser) -> None:
 
 def _log_option(c: argparse.ArgumentParser) -> None:
     c.add_argument("--log-file", metavar="PATH",
-                   help="append a JSON line recording this change (it also goes to syslog)")
+                   help=f"append the JSON audit record of this change here instead of "
+                        f"${audit.LOG_ENV} or {audit.DEFAULT_LOG} (it also goes to syslog)")
 
 
 def _choice(a) -> HarnessChoice:
@@ -146,8 +211,8 @@ def _patch(a) -> PatchFile:
 
 
 def _attach(a) -> Process:
-    proc = attach(_pid(a.pid))
-    a.audit.target(proc)
+    proc = attach(_pid(a.pid), audit_log=a.audit_log)
+    a.audit.target(proc.target)
     return proc
 
 
@@ -163,14 +228,17 @@ def _attempts(e) -> str:
 def do_apply(a) -> tuple[dict, str]:
     timeout, patch = _seconds(a.timeout), _patch(a)
     with _attach(a) as proc:
-        e = proc.apply(patch, timeout=timeout, harnesses=_choice(a))
-    a.audit.edition_done(e)
-    text = (f"edition {e.id} applied to pid {a.pid}: {_summary(e)}; "
-            f"pause {e.pause_us:.0f} µs ({_attempts(e)})")
+        e = proc.apply(patch, timeout=timeout, harnesses=_choice(a), again=a.again)
+    if e.already_applied:
+        text = (f"{os.path.basename(patch.name)} is already applied to pid {a.pid} as edition {e.id}; "
+                "nothing done (--again stacks another copy)")
+    else:
+        text = (f"edition {e.id} applied to pid {a.pid}: {_summary(e)}; "
+                f"pause {e.pause_us:.0f} µs ({_attempts(e)})")
     return e.to_dict() | {"pid": int(a.pid)}, text
 
 
-def do_check(a) -> tuple[dict, str]:
+def do_check(a) -> tuple[dict, str] | tuple[dict, str, int]:
     patch = _patch(a)
     with _attach(a) as proc:
         r = proc.check(patch, harnesses=_choice(a))
@@ -187,21 +255,39 @@ def do_check(a) -> tuple[dict, str]:
 def do_list(a) -> tuple[list, str]:
     with _attach(a) as proc:
         eds = proc.editions()
+    items = [e.to_dict() | {"pid": int(a.pid)} for e in eds]
     if not eds:
-        return [], f"no editions in pid {a.pid}"
-    rows = [f"{'ID':>4}  {'STATE':<10} {'PAUSE':>8}  {'PATCH':<24} FUNCTIONS"]
+        return items, f"no editions in pid {a.pid}"
+    width = max(10, *(len(_state(e)) for e in eds))
+    rows = [f"{'ID':>4}  {'STATE':<{width}} {'PAUSE':>8}  {'PATCH':<24} FUNCTIONS"]
     for e in eds:
         pause = f"{e.pause_us:.0f}µs" if e.pause_us else "-"
-        rows.append(f"{e.id:>4}  {e.state:<10} {pause:>8}  {e.patch:<24} "
+        rows.append(f"{e.id:>4}  {_state(e):<{width}} {pause:>8}  {os.path.basename(e.patch):<24} "
                     + ", ".join(f.symbol for f in e.functions) + _consistency_note(e.consistency))
-    return [e.to_dict() for e in eds], "\n".join(rows)
+    if any(e.orphaned for e in eds):
+        rows.append(f"orphaned: left half-way by a hotpatch that was killed; "
+                    f"hotpatch recover {a.pid} finishes or removes it")
+    return items, "\n".join(rows)
+
+
+def _state(e) -> str:
+    """prepared on purpose (hotpatch prepare) or left by a killed tool?"""
+    if e.orphaned:
+        return f"{e.state} (orphaned)"
+    return "prepared (staged)" if e.state == "prepared" and e.staged else e.state
+
+
+def _consistency_note(value: str) -> str:
+    """`list`: name the weaker mode plainly where it was used (issue #16)."""
+    c = Consistency(value) if value in {m.value for m in Consistency} else None
+    return f"  [consistency: {c.describe}]" if c is Consistency.NEW_CALLS else ""
 
 
 def _edition_id(text: str | None) -> int | None:
     if text is None:
         return None
     if not text.isdigit():
-        raise _Usage(f"edition id must be a number, not {text!r}")
+        raise errors.UsageError(f"edition id must be a number, not {text!r}")
     return int(text)
 
 
@@ -216,7 +302,8 @@ def _edition_command(a, act, done: str, with_timeout: bool = True) -> tuple[dict
     with _attach(a) as proc:
         e = act(proc, eid, timeout)
     a.audit.edition_done(e)
-    pause = f"; pause {e.pause_us:.0f} µs" if with_timeout else ""
+    stop = e.revert_pause_us if e.state == "reverted" else e.pause_us
+    pause = f"; pause {stop:.0f} µs" if with_timeout else ""
     return e.to_dict() | {"pid": int(a.pid)}, f"edition {e.id} {done.format(pid=a.pid, what=_summary(e))}{pause}"
 
 
@@ -251,24 +338,23 @@ def do_recover(a) -> tuple[list, str]:
 def do_info(a) -> tuple[dict, str]:
     d = _patch(a).to_dict()
     lines = [f"{a.patch}: sha256 {d.get('sha256', '?')}"]
-    for key, label in (("replaces", "replaces"), ("wraps", "wraps"), ("symbols", "needs symbol"),
-                       ("pins", "pinned to"), ("imports", "imports")):
+    for key, label, fields in _INFO_LINES:
         for item in d.get(key, []):
-            lines.append(f"  {label:<13} {_fmt(item)}")
+            lines.append(f"  {label:<13} " + "  ".join(
+                (name if item[k] is True else f"{name} {item[k]}") if name else str(item[k])
+                for k, name in fields if item.get(k) not in (None, "", False)))
     lines.append(f"  {'consistency':<13} {Consistency(d['consistency']).describe}")
     return d, "\n".join(lines)
 
 
-def _consistency_note(value: str) -> str:
-    """`list`: name the weaker mode plainly where it was used (issue #16)."""
-    c = Consistency(value) if value in {m.value for m in Consistency} else None
-    return f"  [consistency: {c.describe}]" if c is Consistency.NEW_CALLS else ""
-
-
-def _fmt(item) -> str:
-    if isinstance(item, dict):
-        return "  ".join(f"{v}" for v in item.values() if v not in (None, ""))
-    return str(item)
+# (key in PatchFile.to_dict(), label, [(field, its label; "" for the first)]): every column named
+_INFO_LINES = (
+    ("replaces", "replaces", (("target", ""), ("func_name", "with"))),
+    ("wraps", "wraps", (("target", ""), ("func_name", "with"), ("orig_ptr_name", "original-in"))),
+    ("symbols", "needs symbol", (("target", ""), ("ptr_name", "address-in"))),
+    ("pins", "pinned to", (("object", ""), ("build_id", "build-id"))),
+    ("imports", "imports", (("name", ""), ("version", "version"), ("weak", "weak"))),
+)
 
 
 def do_harnesses(a) -> tuple[list, str]:
@@ -292,7 +378,11 @@ COMMANDS: dict[str, Callable] = {
 # -- entry point --------------------------------------------------------------
 
 def _on_signal(signum, frame):
-    raise Interrupted(signal.Signals(signum).name)
+    """Before the switch: unwind (the target ends as it was). After it: the
+    change is made, so the command completes and says what it did."""
+    if interrupts.committed():
+        return
+    raise errors.Interrupted(signum)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -305,61 +395,109 @@ def main(argv: list[str] | None = None) -> int:
     if positional and positional[0].isdigit():
         argv.insert(0, "apply")
     as_json = "--json" in argv
+    interrupts.reset()
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
     session = _Session()
-    rc, error, details = _run(argv, as_json, session)
-    if session.trail is not None:  # one audit record, whatever the outcome
-        session.record.finish(rc, error and " ".join(error.split()))
-        try:
-            session.trail.write(session.record)
-        except Interrupted:  # a second SIGTERM/SIGINT: the write is one syscall, done or not
-            pass
-        session.trail.close()
-    return rc if error is None else _fail(error, rc, as_json, details)
+    outcome = _run(argv, as_json, session)
+    session.audit_unless_done(outcome)
+    return _report(outcome, as_json)
 
 
 class _Session:
-    """What the audit trail needs to know about this invocation."""
+    """What the audit trail needs to know about this invocation. The library
+    records every operation it runs; this record is for a command that
+    failed before reaching one (a bad patch file, no such process)."""
 
     def __init__(self) -> None:
         self.record = audit.AuditRecord(action="?")
         self.trail: audit.AuditLog | None = None
 
+    def audit_unless_done(self, outcome: "_Outcome") -> None:
+        if self.trail is None:
+            return
+        if not self.trail.written:
+            self.record.finish(outcome.code, outcome.error and " ".join(outcome.error.split()))
+            with interrupts.held():  # the write is one syscall: done or not, never torn
+                self.trail.write(self.record)
+        self.trail.close()
 
-def _run(argv: list[str], as_json: bool, session: _Session) -> tuple[int, str | None, dict | None]:
-    """(exit code, error line or None, details for --json)."""
+
+class _Outcome:
+    """What happened, decided before anything is printed: an output failure
+    (a closed pipe, a full disk) never changes it."""
+
+    def __init__(self, code: int, output: str | None = None, error: str | None = None,
+                 details: dict | None = None) -> None:
+        self.code, self.output, self.error, self.details = code, output, error, details
+
+
+def _run(argv: list[str], as_json: bool, session: _Session) -> _Outcome:
+    help_text = io.StringIO()
     try:
-        args = build_parser().parse_args(argv)
+        with contextlib.redirect_stdout(help_text):  # --help, --version: printed by _report
+            args = build_parser().parse_args(argv)
         if not args.command:
-            raise _Usage("no command given")
+            raise errors.UsageError("no command given")
         session.record.action = args.command
         args.audit = session.record
+        args.audit_log = None
         if args.command in audit.AUDITED:
             if args.pid.isdigit():
                 session.record.pid = int(args.pid)
-            session.trail = audit.AuditLog(args.log_file)  # opened before the target is touched
+            # opened before the target is touched: a bad --log-file is refused up front
+            session.trail = audit.AuditLog(args.log_file) if args.log_file else audit.AuditLog.default()
+            args.audit_log = session.trail
         data, text, *code = COMMANDS[args.command](args)
-        print(json.dumps(data, indent=2) if as_json else text)
-        return (code[0] if code else 0), None, None
+        return _Outcome(code[0] if code else 0, json.dumps(data, indent=2) if as_json else text)
     except errors.HotpatchError as e:
-        return e.exit_code, str(e), e.details
-    except Interrupted as e:
-        return 1, f"interrupted by {e}; the target was left running and unchanged", None
-    except SystemExit as e:  # --help
-        return int(e.code or 0), None, None
+        return _Outcome(e.exit_code, error=str(e), details=e.to_dict())
+    except errors.Interrupted as e:
+        return _Outcome(e.exit_code, error=str(e))
+    except SystemExit as e:  # --help, --version, --print-completion
+        return _Outcome(int(e.code or 0), help_text.getvalue().rstrip("\n") or None)
     except Exception as e:  # a bug: still one line, still exit 1
         if os.environ.get("KSPLICE_PY_DEBUG"):
             raise
-        return 1, f"internal error: {type(e).__name__}: {e} (set KSPLICE_PY_DEBUG=1 for details)", None
+        return _Outcome(1, error=f"internal error: {type(e).__name__}: {e} (set KSPLICE_PY_DEBUG=1 for details)")
 
 
-def _fail(message: str, code: int, as_json: bool, details: dict | None = None) -> int:
-    message = " ".join(message.split())  # one line, whatever was inside
-    print(f"hotpatch: {message}", file=sys.stderr)
-    if as_json:
-        print(json.dumps({"error": message, "exit_code": code, **(details or {})}))
-    return code
+def _report(outcome: _Outcome, as_json: bool) -> int:
+    """Print the outcome; the exit status is the outcome's, whatever printing does."""
+    output = outcome.output
+    if outcome.error is not None:
+        message = " ".join(outcome.error.split())  # one line, whatever was inside
+        _stderr(f"hotpatch: {message}")
+        if as_json:
+            output = json.dumps({"error": message, "exit_code": outcome.code, **(outcome.details or {})})
+    if output is not None:
+        try:
+            sys.stdout.write(output + "\n")
+            sys.stdout.flush()
+        except (OSError, ValueError, AttributeError) as e:  # EPIPE, ENOSPC, closed stdout
+            _discard_stdout()
+            reason = getattr(e, "strerror", None) or type(e).__name__
+            _stderr(f"hotpatch: could not write the output ({reason}); "
+                    f"the exit status ({outcome.code}) still says what happened")
+    return outcome.code
+
+
+def _stderr(line: str) -> None:
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except (OSError, ValueError, AttributeError):
+        pass  # nowhere left to say it: the exit status still does
+
+
+def _discard_stdout() -> None:
+    """Whatever is still buffered goes nowhere, so the interpreter's final
+    flush cannot fail too (and print a second complaint)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+        sys.stdout = open(os.devnull, "w")
 
 
 if __name__ == "__main__":

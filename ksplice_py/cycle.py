@@ -1,6 +1,10 @@
 """The patch cycle: prepare -> apply -> finalize -> cutover -> cleanup, or abort.
 
-Named after EBS online patching. Everything up to the cutover runs while the
+Named after EBS online patching (docs/design.md); in code: ``prepare``,
+``link`` (the design's *apply* phase: "apply" alone names the whole cycle,
+``Process.apply``), ``finalize``, ``cutover`` (operations.cutover); ``stage``
+is the first three, what ``hotpatch prepare`` runs. The cleanup of an
+edition is its unmapping after a revert (operations.cleanup). Everything up to the cutover runs while the
 target runs (only one thread pauses, a few µs per injected syscall), and
 nothing in the target can reach the new code until the cutover writes the
 trampolines. The cutover's stopped window only writes bytes computed before
@@ -11,7 +15,7 @@ Order of writes (why a tool killed at any instant harms nothing):
 1. prepare maps the edition's region and writes its record in state
    ``preparing``. Killed before/after: an unreachable region; ``recover``
    (or abort) unmaps it.
-2. apply/finalize write the image, stubs and the record's JSON, then state
+2. link/finalize write the image, stubs and the record's JSON, then state
    ``prepared``. Still unreachable; the record lists every trampoline with
    its old and new bytes.
 3. cutover, inside ONE stopped window and ONE batch of pwrites: state
@@ -30,20 +34,21 @@ import time
 from dataclasses import dataclass
 
 from . import editions as ed
-from . import harness, loader, placement, trampoline, x86writer
+from . import harness, interrupts, loader, placement, trampoline, x86writer
 from .consistency import Consistency, check_no_reentry
+from .constants import (EEXIST, MAP_FIXED_NOREPLACE, MAP_PRIVATE, MFD_CLOEXEC, PROT_EXEC, PROT_READ,
+                        page_up, syscall_failed)
+from . import operations
 from .errors import (BuildIdMismatch, HotpatchError, PatchMismatch, RemoteError, TargetGone,
                      TrampolineError)
-from .maps import read_maps
-from .patchfile import PatchFile, Replacement
+from .lifecycle import Direction, State
+from .maps import Mapping
+from .patchfile import Import, PatchFile, Replacement
 from .symbols import Symbol
+from .target import Target
 from .tracer import Injector
-from .transition import APPLY, AttemptResult, Transition, unmap_regions
+from .transition import AttemptResult, Transition
 
-PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
-MAP_PRIVATE, MAP_FIXED_NOREPLACE = 0x02, 0x100000
-MFD_CLOEXEC = 1
-EEXIST = 17
 STUB_SLOT = 128  # per function: far jump (14) + call-original stub (bounded below)
 
 
@@ -55,7 +60,7 @@ class HarnessChoice:
     disabled: bool = False
     force: bool = False
 
-    def select(self, touched: dict[str, str | None]):
+    def select(self, touched: dict[str, str | None]) -> list[harness.Harness]:
         return harness.select(touched, list(self.names), self.disabled, self.force)
 
 
@@ -87,29 +92,35 @@ class Region:
 
 
 class PatchCycle:
-    """One patch on one process. Use ``run()`` for the whole cycle."""
+    """One patch on one process. Use ``run()`` for the whole cycle. Each
+    phase that writes into the target first re-checks that the pid still
+    names the process attached to (identity.py); an abort never unmaps in
+    a process that is no longer ours."""
 
-    def __init__(self, proc, patch: PatchFile, staged: bool = False,
+    def __init__(self, target: Target, patch: PatchFile, staged: bool = False,
                  harnesses: HarnessChoice | None = None) -> None:
         self.staged = staged
         self.harness_choice = harnesses or HarnessChoice()
-        self.proc = proc
+        self.target = target
         self.patch = patch
-        self.pid = proc.pid
-        self.mem = proc.mem
+        self.pid = target.pid
+        self.mem = target.mem
         self.switches: list[Switch] = []
         self.symbol_refs: list[tuple[int, Symbol]] = []
         self.regions: list[Region] = []
         self.edition: ed.Edition | None = None
         self.image: loader.LinkedImage | None = None
-        self.attempts = 0
+        self.edition_id = 0
+        self.record_size = 0
+        self.image_base = 0
+        self._maps: list[Mapping] = []
         self._mapped = False
-        self._switched = False
 
     # -- prepare --------------------------------------------------------------
     def prepare(self) -> None:
         """Resolve everything and map the edition's memory into the target."""
-        syms = self.proc.symbols
+        self.target.verify("preparing the patch")
+        syms = self.target.symbols
         self._check_pins()
         seen: dict[int, str] = {}
         for rep in self.patch.replacements:
@@ -129,11 +140,11 @@ class PatchCycle:
         for ref in self.patch.symbol_refs:
             self.symbol_refs.append((ref.ptr, syms.resolve(ref.target)))
         chosen = self.harness_choice.select(
-            {sw.sym.object: self.proc.symbols.build_id(sw.sym.object) for sw in self.switches})
+            {sw.sym.object: syms.build_id(sw.sym.object) for sw in self.switches})
         self._plan_regions()
         self._map_regions()
-        self.edition = ed.Edition(
-            id=self.edition_id, patch=self.patch.name, sha256=self.patch.sha256,
+        self.edition = ed.Edition(  # the absolute path: how every audit record names it
+            id=self.edition_id, patch=os.path.abspath(self.patch.name), sha256=self.patch.sha256,
             regions=[(r.start, r.size) for r in self.regions],
             pins={p.object: p.build_id for p in self.patch.pins}, prepared_at=time.time(),
             staged=self.staged, harnesses=[h.name for h in chosen],
@@ -142,7 +153,7 @@ class PatchCycle:
 
     def _check_pins(self) -> None:
         for pin in self.patch.pins:
-            actual = self.proc.symbols.build_id(pin.object)
+            actual = self.target.symbols.build_id(pin.object)
             if actual != pin.build_id:
                 raise BuildIdMismatch(
                     f"patch was built for {pin.object} build-id {pin.build_id}, "
@@ -154,16 +165,16 @@ class PatchCycle:
         return trampoline.FunctionCode(sym.qualified, sym.addr, sym.size, code)
 
     def _plan_regions(self) -> None:
-        maps = read_maps(self.pid)
+        maps = self.target.maps()
         self.edition_id = ed.next_id(maps)
         lo, hi = self.patch.span
         nfuncs = len(self.switches)
         clusters = placement.cluster([s.sym.addr for s in self.switches]) or [[0]]
         main = max(clusters, key=len)
         self.record_size = ed.record_size(nfuncs)
-        image_size = placement.page_up(hi - lo)
+        image_size = page_up(hi - lo)
         stub_size = self._stub_area(nfuncs)
-        self.regions = [Region(ed.region_name(self.edition_id, self.patch.name),
+        self.regions = [Region(ed.region_name(self.edition_id, os.path.basename(self.patch.name)),
                                self.record_size + image_size + stub_size, main)]
         for c in clusters:
             if c is not main:
@@ -174,10 +185,10 @@ class PatchCycle:
     @staticmethod
     def _stub_area(nfuncs: int) -> int:
         # two slots a function: a far jump and a call-original stub
-        return placement.page_up(2 * STUB_SLOT * max(1, nfuncs))
+        return page_up(2 * STUB_SLOT * max(1, nfuncs))
 
     def _map_regions(self) -> None:
-        with Injector(self.pid, self.mem) as inj:
+        with self.target.injector() as inj:
             for region in self.regions:
                 region.start = self._map_one(inj, region)
                 self._mapped = True
@@ -199,7 +210,7 @@ class PatchCycle:
                 addr = inj("mmap", hint, region.size, PROT_READ, flags, fd, 0)
                 if addr == -EEXIST:
                     continue  # raced with the target's own mmap; next gap
-                if -4096 < addr < 0:
+                if syscall_failed(addr):
                     raise RemoteError(f"mmap in process {self.pid} failed: {os.strerror(-addr)}")
                 if hint and addr != hint:  # old kernel without NOREPLACE: a mere hint
                     inj("munmap", addr, region.size)
@@ -209,10 +220,11 @@ class PatchCycle:
         finally:
             inj("close", fd)
 
-    # -- apply ----------------------------------------------------------------
-    def apply(self) -> None:
+    # -- link (the design's "apply" phase) --------------------------------------
+    def link(self) -> None:
         """Link the image, build stubs, fill pointers; write it all. Nothing
         in the target can reach any of it yet."""
+        self.target.verify("loading the patch")
         self.image = loader.link(self.patch, self.image_base, self._bind)
         pointer_writes: list[tuple[int, bytes]] = []
         for sw in self.switches:
@@ -235,8 +247,8 @@ class PatchCycle:
             self.mem.write(addr, data)
         self._protect()
 
-    def _bind(self, imp) -> int | None:
-        return self.proc.symbols.bind_import(imp.name, imp.version, imp.weak)
+    def _bind(self, imp: Import) -> int | None:
+        return self.target.symbols.bind_import(imp.name, imp.version, imp.weak)
 
     def _near_region(self, addr: int) -> Region:
         for r in self.regions:
@@ -252,7 +264,7 @@ class PatchCycle:
         calls.append((stubs_start, main.start + main.size - stubs_start, PROT_READ | PROT_EXEC))
         for r in self.regions[1:]:
             calls.append((r.start, r.size, PROT_READ | PROT_EXEC))
-        with Injector(self.pid, self.mem) as inj:
+        with self.target.injector() as inj:
             for addr, size, prot in calls:
                 if size:
                     inj.checked("mprotect", addr, size, prot)
@@ -261,6 +273,7 @@ class PatchCycle:
     def finalize(self) -> None:
         """Compute and validate every trampoline; precompute the cutover's
         writes; record the edition as ``prepared``."""
+        self.target.verify("finalizing the patch")
         for sw in self.switches:
             sw.code = self._read_function(sw.sym)  # fresh: an edition may have landed
             sw.redirect = trampoline.plan_redirect(sw.code, sw.new_addr, near_stub=sw.far_stub)
@@ -275,7 +288,7 @@ class PatchCycle:
                 old_bytes=sw.redirect.old.hex(), new_bytes=sw.redirect.new.hex(),
                 stub_addr=sw.stub_addr)
             for sw in self.switches]
-        self.edition.state = "prepared"
+        self.edition.move(State.PREPARED)
         self._write_record()
 
     def _write_record(self) -> None:
@@ -286,41 +299,55 @@ class PatchCycle:
         self.mem.write(e.record_addr + ed.HEADER.size, body)
         self.mem.write(e.record_addr, e.header())
 
+    def stage(self) -> ed.Edition:
+        """prepare, link, finalize: the edition is ``prepared``, unreachable."""
+        self.prepare()
+        self.link()
+        self.finalize()
+        return self.edition
+
     # -- cutover ---------------------------------------------------------------
     def cutover(self, timeout: float) -> ed.Edition:
         """Switch in one stopped window, retried with back-off (transition.py)."""
-        self.transition = Transition(self.proc, self.edition, APPLY)
-        try:
-            self.transition.start(timeout)
-        finally:
-            self.attempts = self.transition.attempts
-        self._switched = True
+        operations.cutover(self.target, self.edition, timeout)
         return self.edition
 
     # -- check / abort --------------------------------------------------------
     def probe(self) -> AttemptResult:
         """One quiescence probe without writing (``hotpatch check``)."""
-        self.transition = Transition(self.proc, self.edition, APPLY)
-        return self.transition.probe()
+        return Transition(self.target, self.edition, Direction.PATCH).probe()
 
     def abort(self) -> None:
-        """Before cutover: unmap what prepare mapped; the target is as before."""
+        """Before cutover: unmap what prepare mapped; the target is as before.
+        Never into whoever has the pid now: that memory went with our process."""
         if self._mapped:
             try:
-                unmap_regions(self.proc, [(r.start, r.size) for r in self.regions])
-            except TargetGone:
+                operations.abort(self.target, [(r.start, r.size) for r in self.regions])
+            except TargetGone:  # PidReused too: that memory is not ours to unmap
                 pass
-            self._mapped = False
+        self._mapped = False
 
     # -- the whole cycle ------------------------------------------------------
     def run(self, timeout: float) -> ed.Edition:
         try:
-            self.prepare()
-            self.apply()
-            self.finalize()
+            self.stage()
             return self.cutover(timeout)
         except BaseException:
             # Any failure before the switch (including Ctrl-C/SIGTERM): undo.
-            if not self._switched:
-                self.abort()
+            # After it, the new code is live: never unmap it.
+            with interrupts.held():  # a second Ctrl-C must not cut the undo short
+                if not self.switched():
+                    self.abort()
             raise
+
+    def switched(self) -> bool:
+        """Did the cutover write its trampolines? Asked of the target itself
+        (they are written all or nothing, in one stopped window), so the
+        answer holds whatever was interrupted on our side."""
+        if self.edition is None or not self.edition.functions:
+            return False  # not finalized: nothing can have been switched
+        try:
+            return any(self.mem.read(f.addr, len(bytes.fromhex(f.new_bytes))) == bytes.fromhex(f.new_bytes)
+                       for f in self.edition.functions)
+        except HotpatchError:
+            return self.target.same_process()  # unreadable yet ours: leave it for recover

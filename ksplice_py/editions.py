@@ -19,9 +19,9 @@ Record layout (little-endian), at the region's start:
     80   .. JSON: everything fixed at prepare/apply time
 
 The JSON is written once, before any trampoline can point at the region;
-states then move prepared -> switching -> applied (-> reverting), each a
-16-byte write. See cycle.py for the order of writes that makes a crash at any
-instant recoverable.
+states then move as lifecycle.py allows (prepared -> switching -> applied
+-> reverting), each a 16-byte write. See cycle.py for the order of writes
+that makes a crash at any instant recoverable.
 """
 from __future__ import annotations
 
@@ -31,18 +31,30 @@ import re
 import struct
 from dataclasses import asdict, dataclass, field
 
+from .constants import page_up
 from .errors import HotpatchError
+from .lifecycle import MOVES, UNSTABLE, State
 from .maps import Mapping
 from .memory import RemoteMemory
 
 MAGIC_PREFIX = b"KSPLICEPY-REC"
 MAGIC = MAGIC_PREFIX + b"\x00\x02\x00"  # \x02: layout version
-HEADER = struct.Struct("<16s16sddQQdd")
+# The fixed header, field by field (the layout above); its offsets come from here.
+_HEADER_FIELDS = (("magic", "16s"), ("state", "16s"), ("pause_us", "d"), ("applied_at", "d"),
+                  ("attempts", "Q"), ("json_len", "Q"), ("longest_pause_us", "d"), ("stopped_us", "d"))
+HEADER = struct.Struct("<" + "".join(fmt for _, fmt in _HEADER_FIELDS))
+
+
+def _field(name: str) -> tuple[int, int]:
+    """(offset, size) of one header field."""
+    names = [n for n, _ in _HEADER_FIELDS]
+    before = "".join(fmt for _, fmt in _HEADER_FIELDS[:names.index(name)])
+    return struct.calcsize("<" + before), struct.calcsize("<" + _HEADER_FIELDS[names.index(name)][1])
+
+
+STATE_OFFSET, STATE_SIZE = _field("state")
 PREFIX = "ksplice_py:ed"
 _NAME_RE = re.compile(r"^/memfd:ksplice_py:ed(\d+)(:stubs)?(?::(.*?))?(?: \(deleted\))?$")
-
-# States: preparing -> prepared -> switching -> applied (-> reverting), or
-# "unreadable" (a record another version wrote; see list_editions).
 
 
 @dataclass
@@ -63,7 +75,7 @@ class Edition:
     id: int
     patch: str
     sha256: str
-    state: str = "preparing"
+    state: State = State.PREPARING
     functions: list[FunctionSwitch] = field(default_factory=list)
     regions: list[tuple[int, int]] = field(default_factory=list)  # (start, size)
     pins: dict[str, str] = field(default_factory=dict)
@@ -77,7 +89,12 @@ class Edition:
     # Blocked attempts stop the world too: what the target really felt.
     longest_pause_us: float | None = None
     stopped_us: float | None = None
-    advanced: int = 0  # threads moved out of retired code by the switch (runout.py); not recorded
+    # Known to this invocation only, never in the target's record:
+    reverted_at: float | None = None  # unix time of the revert (pause_us stays the apply's)
+    revert_pause_us: float | None = None  # the stop that switched it back
+    already_applied: bool = False  # apply found this content applied: nothing was done
+    orphaned: bool = False  # left half-way by a tool that was killed (see mark_orphans)
+    advanced: int = 0  # threads moved out of retired code by the switch (runout.py)
 
     @property
     def record_addr(self) -> int:
@@ -95,8 +112,7 @@ class Edition:
     # -- record encoding --------------------------------------------------
     def body(self) -> bytes:
         d = asdict(self)
-        for k in ("state", "applied_at", "pause_us", "attempts", "longest_pause_us", "stopped_us",
-                  "advanced"):
+        for k in _NOT_IN_BODY:
             d.pop(k)
         return json.dumps(d, separators=(",", ":")).encode()
 
@@ -106,15 +122,47 @@ class Edition:
             self.attempts, len(self.body()), self.longest_pause_us or 0.0, self.stopped_us or 0.0,
         )
 
-    def state_bytes(self, state: str) -> tuple[int, bytes]:
+    def move(self, to: State) -> None:
+        """Take one move of the lifecycle (staying put is no move)."""
+        if to != self.state and to not in MOVES[self.state]:
+            raise HotpatchError(f"edition {self.id} is {self.state}; it cannot become {to}")
+        self.state = to
+
+    def move_to(self, to: State) -> tuple[int, bytes]:
+        """Take the move and return the write that records it in the target."""
+        self.move(to)
+        return self.state_bytes(to)
+
+    def state_bytes(self, state: State) -> tuple[int, bytes]:
         """(address, bytes) that set the record's state: one 16-byte write."""
-        return self.record_addr + 16, state.encode().ljust(16, b"\0")
+        return self.record_addr + STATE_OFFSET, state.encode().ljust(STATE_SIZE, b"\0")
+
+
+# The header holds the first six (updated in place); the rest never reaches the target.
+_NOT_IN_BODY = ("state", "applied_at", "pause_us", "attempts", "longest_pause_us", "stopped_us",
+                "reverted_at", "revert_pause_us", "already_applied", "orphaned", "advanced")
+def may_be_orphan(e: Edition) -> bool:
+    """What a live tool passes through (an unstable state, or ``prepared``
+    by an apply rather than staged by `hotpatch prepare`): found while no
+    tool is at work on the target, a killed one left it."""
+    return e.state in UNSTABLE or (e.state == State.PREPARED and not e.staged)
+
+
+def mark_orphans(editions: list[Edition]) -> None:
+    """Call only while no tool holds the target's lock (locking.py)."""
+    for e in editions:
+        e.orphaned = may_be_orphan(e)
+
+
+def find_applied(editions: list[Edition], sha256: str) -> Edition | None:
+    """The applied edition with this content, if any (newest first)."""
+    return next((e for e in editions if e.sha256 == sha256 and e.state == State.APPLIED), None)
 
 
 def record_size(nfuncs: int) -> int:
     """Bytes to reserve for a record of nfuncs functions (page multiple)."""
     need = HEADER.size + 1024 + 640 * nfuncs
-    return (need + 4095) & ~4095
+    return page_up(need)
 
 
 def region_name(edition_id: int, patch_name: str, stubs: bool = False) -> str:
@@ -147,7 +195,7 @@ def read_edition(mem: RemoteMemory, start: int) -> Edition | None:
         ed = Edition(**d)
     except (ValueError, TypeError, KeyError, struct.error):
         return None
-    ed.state = state.rstrip(b"\0").decode(errors="replace")
+    ed.state = State.parse(state.rstrip(b"\0").decode(errors="replace"))
     ed.pause_us = pause or None
     ed.applied_at = applied or None
     ed.attempts = attempts
@@ -171,7 +219,7 @@ def may_be_live(mem: RemoteMemory, start: int) -> bool:
     if not head.startswith(MAGIC_PREFIX):
         return False
     magic, state = HEADER.unpack(head)[:2]
-    return not (magic == MAGIC and state.rstrip(b"\0") == b"preparing")
+    return not (magic == MAGIC and state.rstrip(b"\0") == State.PREPARING.encode())
 
 
 def list_editions(mem: RemoteMemory, maps: list[Mapping]) -> tuple[list[Edition], list[int]]:
@@ -191,7 +239,7 @@ def list_editions(mem: RemoteMemory, maps: list[Mapping]) -> tuple[list[Edition]
         elif primary and may_be_live(mem, primary[0].start):
             hit = _NAME_RE.match(primary[0].path)
             editions.append(Edition(id=eid, patch=(hit and hit.group(3)) or "?", sha256="",
-                                    state="unreadable",
+                                    state=State.UNREADABLE,
                                     regions=[(m.start, m.end - m.start) for m in ms]))
         else:
             orphans.append(eid)

@@ -18,11 +18,17 @@ import re
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from .errors import BadInput, HotpatchError
 from . import resources
 from .quiescence import CodeRange
+
+if TYPE_CHECKING:
+    from .editions import Edition
+    from .memory import RemoteMemory
+    from .symbols import TargetSymbols
+    from .target import Target
 
 BUILTIN_DIR = resources.harnesses_dir()
 
@@ -38,13 +44,13 @@ class StoppedView:
     """What a harness check sees inside the stopped window."""
 
     pid: int
-    mem: Any  # RemoteMemory
+    mem: RemoteMemory
     threads: list[StoppedThread]
 
 
 # check(view) -> [(tid, reason), ...]: threads that must not be switched now.
 Check = Callable[[StoppedView], list[tuple[int, str]]]
-Hook = Callable[[Any, Any], None]  # (process, edition)
+Hook = Callable[["Target", "Edition"], None]  # outside the window: symbols, memory, editions
 
 
 @dataclass(frozen=True)
@@ -142,7 +148,7 @@ def by_names(names: Iterable[str]) -> list[Harness]:
     return [all_h[n] for n in names]
 
 
-def critical_ranges(harnesses: list[Harness], symbols) -> list[CodeRange]:
+def critical_ranges(harnesses: list[Harness], symbols: TargetSymbols) -> list[CodeRange]:
     """Code ranges of every critical function the harnesses name. Names not
     present in this build (internal functions without debug symbols) are
     skipped; patterns match every function of the governed objects."""

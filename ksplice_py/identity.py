@@ -13,10 +13,11 @@ one has been reaped. So at attach we take:
 * the identity of its executable (device and inode behind ``/proc/PID/exe``),
   so an ``execve`` in the middle of an operation is noticed too.
 
-``verify()`` re-checks all three; the Process calls it before every step
-that writes into the target and once more at the end. Writes also go
-through a ``/proc/PID/mem`` descriptor opened at attach, which is bound to
-the original address space: they can never land in another process.
+``verify()`` re-checks all three; through ``Target.verify`` the cycle and the
+operations call it before every step that writes into the target, and the
+Process once more at the end. Writes also go through a ``/proc/PID/mem``
+descriptor opened at attach, which is bound to the original address
+space: they can never land in another process.
 
 ``check_architecture`` refuses what the loader cannot patch (32-bit, x32,
 non-x86-64 programs) by the ELF header of ``/proc/PID/exe``.
@@ -30,15 +31,7 @@ import select
 from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 
-from .errors import AccessDenied, BadInput, NoSuchProcess, TargetGone
-
-
-class UnsupportedTarget(BadInput):
-    """The target runs a program this tool cannot patch (not x86-64)."""
-
-
-class PidReused(TargetGone):
-    """The process we attached to is gone and its pid names another one."""
+from .errors import AccessDenied, NoSuchProcess, PidReused, TargetGone, UnsupportedTarget
 
 
 def read_start_time(pid: int) -> int:

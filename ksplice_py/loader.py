@@ -12,8 +12,9 @@ import struct
 from dataclasses import dataclass
 from typing import Callable
 
+from .constants import PAGE_SIZE, PROT_READ
 from .errors import SymbolNotFound, UnsupportedPatch
-from .patchfile import (PAGE, PROT_READ, R_64, R_GLOB_DAT, R_JUMP_SLOT, R_NONE, R_PC32,
+from .patchfile import (R_64, R_GLOB_DAT, R_JUMP_SLOT, R_NONE, R_PC32,
                         R_PLT32, R_RELATIVE, Import, PatchFile, Reloc, reloc_name)
 
 _U64 = 1 << 64
@@ -34,7 +35,7 @@ Binder = Callable[[Import], "int | None"]
 
 
 def link(patch: PatchFile, base: int, bind: Binder) -> LinkedImage:
-    if base % PAGE or base < 0 or base + patch.span[1] >= 1 << 47:
+    if base % PAGE_SIZE or base < 0 or base + patch.span[1] >= 1 << 47:
         raise ValueError(f"link base 0x{base:x} must be page aligned and in user space")
     lo, hi = patch.span
     image = bytearray(hi - lo)
@@ -101,21 +102,21 @@ def _protections(patch: PatchFile, base: int) -> list[tuple[int, int, int]]:
     page (a page shared by two segments must serve both), holes PROT_NONE,
     RELRO pages read-only (as ld.so's _dl_protect_relro)."""
     lo, hi = patch.span
-    pages = [0] * ((hi - lo) // PAGE)
+    pages = [0] * ((hi - lo) // PAGE_SIZE)
     for s in patch.segments:
-        first = (s.vaddr - lo) // PAGE
-        last = (s.vaddr + s.memsz - 1 - lo) // PAGE
+        first = (s.vaddr - lo) // PAGE_SIZE
+        last = (s.vaddr + s.memsz - 1 - lo) // PAGE_SIZE
         for i in range(first, last + 1):
             pages[i] |= s.prot
     for start, size in patch.relro:
-        for i in range((start - lo) // PAGE, (start + size - lo) // PAGE):
+        for i in range((start - lo) // PAGE_SIZE, (start + size - lo) // PAGE_SIZE):
             pages[i] = PROT_READ
     runs: list[tuple[int, int, int]] = []
     for i, prot in enumerate(pages):
-        addr = base + lo + i * PAGE
+        addr = base + lo + i * PAGE_SIZE
         if runs and runs[-1][2] == prot:
             a, n, p = runs[-1]
-            runs[-1] = (a, n + PAGE, p)
+            runs[-1] = (a, n + PAGE_SIZE, p)
         else:
-            runs.append((addr, PAGE, prot))
+            runs.append((addr, PAGE_SIZE, prot))
     return runs

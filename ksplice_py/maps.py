@@ -112,13 +112,6 @@ def mapped_files(pid: int, maps: list[Mapping] | None = None) -> list[MappedFile
     return sorted(by_path.values(), key=lambda f: f.start)
 
 
-def find_mapping(maps: list[Mapping], addr: int) -> Mapping | None:
-    for m in maps:
-        if addr in m:
-            return m
-    return None
-
-
 def host_path(pid: int, path: str) -> str:
     """Where *we* can open a file the target has mapped: through the target's
     root, so objects inside another mount namespace are found too."""

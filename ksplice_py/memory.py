@@ -5,7 +5,8 @@ from __future__ import annotations
 import ctypes
 import os
 
-from .errors import RemoteError, TargetGone
+from .constants import EFAULT, ESRCH, PAGE_SIZE
+from .errors import AccessDenied, RemoteError, TargetGone
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -38,19 +39,19 @@ class RemoteMemory:
         if n == size:
             return buf.raw
         err = ctypes.get_errno()
-        if err == 3:  # ESRCH
+        if err == ESRCH:
             raise TargetGone(f"process {self.pid} exited")
-        if n > 0 or err in (14, 0):  # EFAULT / partial: fall back to /proc/PID/mem
+        if n > 0 or err in (EFAULT, 0):  # partial: fall back to /proc/PID/mem
             return self._pread(addr, size)
         raise RemoteError(f"cannot read {size} bytes at {addr:#x} in {self.pid}: {os.strerror(err)}")
 
     def read_u64(self, addr: int) -> int:
         return int.from_bytes(self.read(addr, 8), "little")
 
-    def read_cstring(self, addr: int, limit: int = 4096) -> bytes:
+    def read_cstring(self, addr: int, limit: int = PAGE_SIZE) -> bytes:
         out = b""
         while len(out) < limit:
-            chunk = self.read(addr + len(out), min(256, 4096 - ((addr + len(out)) & 0xFFF)))
+            chunk = self.read(addr + len(out), min(256, PAGE_SIZE - (addr + len(out)) % PAGE_SIZE))
             nul = chunk.find(b"\0")
             if nul >= 0:
                 return out + chunk[:nul]
@@ -89,7 +90,6 @@ class RemoteMemory:
             except FileNotFoundError:
                 raise TargetGone(f"process {self.pid} exited") from None
             except PermissionError:
-                from .errors import AccessDenied
                 raise AccessDenied(f"not allowed to write the memory of process {self.pid} (run as root?)") from None
         return self._mem_fd
 

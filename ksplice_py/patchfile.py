@@ -16,6 +16,7 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from elftools.elf.dynamic import DynamicSegment
 from elftools.elf.elffile import ELFFile
 from elftools.elf.enums import ENUM_RELOC_TYPE_x64
 from elftools.elf.sections import SymbolTableSection
@@ -23,10 +24,9 @@ from elftools.elf.sections import SymbolTableSection
 from . import consistency, resources
 from .consistency import Consistency
 
+from .constants import PROT_EXEC, PROT_READ, PROT_WRITE, page_down, page_up
 from .errors import BadPatchFile, HotpatchError, UnsupportedPatch
 
-PAGE = 4096
-PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
 MAX_SPAN = 256 << 20  # a patch is a few functions; refuse absurd (fuzzed) sizes
 MAX_STRING = 4096
 MAX_INIT_ARRAY = 1 << 16  # bytes of DT_INIT_ARRAY & co. we walk (8192 entries)
@@ -173,15 +173,6 @@ class PatchFile:
     consistency: Consistency = Consistency.STRICT  # HOTPATCH_CONSISTENCY
 
     @classmethod
-    def load(cls, path: str) -> "PatchFile":
-        try:
-            with open(path, "rb") as f:
-                data = f.read()
-        except OSError as e:
-            raise BadPatchFile(f"cannot read patch {path}: {e.strerror or e}") from None
-        return cls.from_bytes(data, str(path))
-
-    @classmethod
     def from_bytes(cls, data: bytes, name: str) -> "PatchFile":
         try:
             return _Parser(bytes(data), name).parse()
@@ -226,14 +217,6 @@ _TARGET_CHARS = set(string.printable) - set(string.whitespace)
 _HEX = set("0123456789abcdef")
 
 
-def _page_down(x: int) -> int:
-    return x & ~(PAGE - 1)
-
-
-def _page_up(x: int) -> int:
-    return (x + PAGE - 1) & ~(PAGE - 1)
-
-
 @dataclass(frozen=True)
 class _Sym:
     name: str
@@ -265,6 +248,18 @@ class _Parser:
         self.data = data
         self.name = name
         self.short = Path(name).name or name
+        # Filled in by parse(), one step after the other, in this order:
+        self.elf: ELFFile | None = None
+        self.segments: list[Segment] = []
+        self.span = (0, 0)
+        self.relro: list[tuple[int, int]] = []
+        self.dynamic: DynamicSegment | None = None
+        self.tags: dict[str, list[int]] = {}
+        self.needed: list[str] = []
+        self.dynsym: list[_Sym] = []
+        self.symtab_names: dict[int, str] = {}
+        self.relocs: list[Reloc] = []
+        self.reloc_at: dict[int, Reloc] = {}
 
     # -- errors --
     def bad(self, what: str) -> BadPatchFile:
@@ -277,6 +272,7 @@ class _Parser:
     def parse(self) -> PatchFile:
         self.check_header()
         self.elf = ELFFile(io.BytesIO(self.data))
+        self.check_is_patch()
         self.check_elf_kind()
         self.read_segments()
         self.read_dynamic()
@@ -318,6 +314,17 @@ class _Parser:
                            "`cc -shared -fPIC $(hotpatch cflags)`")
         if len(self.data) < 64:
             raise self.bad(f"truncated ELF file ({len(self.data)} bytes)")
+
+    def check_is_patch(self) -> None:
+        """A library or a program given by mistake is named as such, before
+        any complaint about what it contains (TLS, constructors, ...)."""
+        h = self.elf.header
+        if h["e_shoff"] + h["e_shnum"] * h["e_shentsize"] > len(self.data):
+            return  # truncated: check_elf_kind says so
+        if self.elf.get_section_by_name(".hotpatch") is None:
+            kind = {"ET_EXEC": "a program", "ET_DYN": "a library or a program"}.get(h["e_type"], "an ELF file")
+            raise self.bad(f"not a hotpatch patch ({kind} without a .hotpatch section); build patches "
+                           "with hotpatch.h: cc -shared -fPIC -O2 $(hotpatch cflags) -o fix.so fix.c")
 
     def check_elf_kind(self) -> None:
         h = self.elf.header
@@ -365,13 +372,13 @@ class _Parser:
         for a, b in zip(segs, segs[1:]):
             if a.vaddr + a.memsz > b.vaddr:
                 raise self.bad(f"overlapping segments at 0x{a.vaddr:x} and 0x{b.vaddr:x}")
-        lo, hi = _page_down(segs[0].vaddr), _page_up(segs[-1].vaddr + segs[-1].memsz)
+        lo, hi = page_down(segs[0].vaddr), page_up(segs[-1].vaddr + segs[-1].memsz)
         if hi - lo > MAX_SPAN:
             raise self.bad(f"segments span {hi - lo} bytes; a patch must be smaller than {MAX_SPAN}")
         self.segments, self.span = segs, (lo, hi)
         for vaddr, size in raw_relro:
             # ld.so (_dl_protect_relro): both ends rounded *down* to a page.
-            start, end = _page_down(vaddr), _page_down(vaddr + size)
+            start, end = page_down(vaddr), page_down(vaddr + size)
             start, end = max(start, lo), min(end, hi)
             if end > start:
                 self.relro.append((start, end - start))
@@ -396,8 +403,7 @@ class _Parser:
 
     # -- dynamic section --
     def read_dynamic(self) -> None:
-        self.tags: dict[str, list[int]] = {}
-        self.needed: list[str] = []
+        self.tags, self.needed = {}, []
         for tag in self.dynamic.iter_tags():
             t = tag.entry.d_tag
             if t == "DT_NULL":

@@ -3,16 +3,12 @@
 prologues still reach their data."""
 from __future__ import annotations
 
+from .constants import PAGE_SIZE, page_down, page_up
 from .maps import Mapping
 
-PAGE = 4096
 REACH = (1 << 31) - (16 << 20)  # rel32 reach, less a margin for in-region offsets
 LOW_LIMIT = 0x10000  # below vm.mmap_min_addr
 HIGH_LIMIT = 0x7FFF_FFFF_F000  # top of the x86-64 user address space (4-level)
-
-
-def page_up(n: int) -> int:
-    return (n + PAGE - 1) & ~(PAGE - 1)
 
 
 def reachable(a: int, b: int) -> bool:
@@ -24,9 +20,9 @@ def _gaps(maps: list[Mapping]) -> list[tuple[int, int]]:
     spans = sorted((m.start, m.end) for m in maps)
     out, cursor = [], LOW_LIMIT
     for lo, hi in spans:
-        if lo - PAGE > cursor:
-            out.append((cursor, lo - PAGE))
-        cursor = max(cursor, hi + PAGE)
+        if lo - PAGE_SIZE > cursor:
+            out.append((cursor, lo - PAGE_SIZE))
+        cursor = max(cursor, hi + PAGE_SIZE)
     if cursor < HIGH_LIMIT:
         out.append((cursor, HIGH_LIMIT))
     return out
@@ -46,7 +42,7 @@ def candidates(maps: list[Mapping], anchors: list[int], size: int) -> list[int]:
             continue
         # The end of the gap nearest the anchors keeps regions compact.
         if ghi <= centre:
-            start = (hi - size) & ~(PAGE - 1)
+            start = page_down(hi - size)
         else:
             start = page_up(lo)
         if start >= lo and start + size <= hi:

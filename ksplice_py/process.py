@@ -6,24 +6,23 @@
 """
 from __future__ import annotations
 
-import fcntl
-import os
-import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Callable
 
+from . import audit
 from . import editions as ed
-from . import runout, trust
+from . import operations, trust
 from .cycle import HarnessChoice, PatchCycle
-from .errors import AccessDenied, BadInput, HotpatchError, RemoteError, TargetGone
-from .identity import TargetHandle, check_architecture
-from .maps import exe_path, read_maps
+from .errors import HotpatchError, Interrupted, TargetGone
+from .identity import TargetHandle
+from .lifecycle import State
+from .locking import TargetLock
 from .memory import RemoteMemory
 from .patchfile import PatchFile
 from .quiescence import Blocker
 from .symbols import TargetSymbols
-from .tracer import Injector, check_target
-from .transition import APPLY, REVERT, Transition, unmap_regions
+from .target import Target
 
 
 @dataclass
@@ -43,110 +42,94 @@ class CheckReport:
                 "pause_us": round(self.pause_us, 1)}
 
 
-def _lock_dir() -> str:
-    for d in ("/run/lock", tempfile.gettempdir()):
-        if os.access(d, os.W_OK):
-            return d
-    return tempfile.gettempdir()
-
-
-class _GuardedCycle(PatchCycle):
-    """The patch cycle, with the target's identity re-checked before each
-    phase that writes into it (identity.py), and no abort into a process
-    that is no longer ours."""
-
-    def prepare(self) -> None:
-        self.proc.verify("preparing the patch")
-        super().prepare()
-
-    def apply(self) -> None:
-        self.proc.verify("loading the patch")
-        super().apply()
-
-    def finalize(self) -> None:
-        self.proc.verify("finalizing the patch")
-        super().finalize()
-
-    def cutover(self, timeout: float) -> ed.Edition:
-        self.proc.verify("switching")
-        return super().cutover(timeout)
-
-    def abort(self) -> None:
-        if self.proc.same_process():
-            super().abort()
-        else:  # its memory went with it; never unmap in whoever has the pid now
-            self._mapped = False
-
-
 class Process:
-    """A running target. Holds no ptrace attachment between operations, but
-    holds the process itself (a pidfd) from attach to close."""
+    """A running target: the public front door. Holds no ptrace attachment
+    between operations, but holds the process itself (a pidfd) from attach
+    to close. The engine below works on its ``target`` (target.py).
 
-    def __init__(self, pid: int) -> None:
-        self.handle = TargetHandle(pid)  # first: from here on it is *this* process
-        try:
-            check_target(pid)
-            check_architecture(pid)
-            self.pid = pid
-            self.exe = exe_path(pid)
-            self.mem = RemoteMemory(pid)
-            try:  # bound to this address space: writes never reach another process
-                self.mem.mem_fd()
-            except HotpatchError:
-                pass  # not writable (read-only use): opened, and refused, when needed
-            self.handle.verify()
-        except BaseException:
-            self.handle.close()
-            raise
-        self._symbols: TargetSymbols | None = None
+    Every operation that changes the target leaves one audit record
+    (audit.py) in ``audit_log``: syslog plus the default persistent log
+    unless another AuditLog is given."""
+
+    def __init__(self, pid: int, audit_log: audit.AuditLog | None = None) -> None:
+        self.target = Target(pid)
+        self.pid = pid
+        self._own_log = audit_log is None
+        # opened before anything is changed
+        self.audit_log = audit.AuditLog.default() if audit_log is None else audit_log
+
+    @property
+    def exe(self) -> str:
+        return self.target.exe
+
+    @property
+    def mem(self) -> RemoteMemory:
+        return self.target.mem
+
+    @property
+    def handle(self) -> TargetHandle:
+        return self.target.handle
 
     @property
     def start_time(self) -> int:
         """Field 22 of /proc/PID/stat at attach: with the pid, names this process."""
-        return self.handle.start_time
+        return self.target.handle.start_time
+
+    @property
+    def symbols(self) -> TargetSymbols:
+        return self.target.symbols
 
     def verify(self, doing: str = "") -> None:
         """Raise TargetGone (PidReused) unless the pid still names the process
         attached to, running the same program."""
-        self.handle.verify(doing)
+        self.target.verify(doing)
 
     def same_process(self) -> bool:
-        try:
-            self.handle.verify()
-        except HotpatchError:
-            return False
-        return True
-
-    @property
-    def symbols(self) -> TargetSymbols:
-        if self._symbols is None:
-            self._symbols = TargetSymbols(self.pid, self.mem)
-        return self._symbols
+        return self.target.same_process()
 
     # -- operations -----------------------------------------------------------
     def apply(self, patch: str | PatchFile, timeout: float = 5.0,
-              harnesses: HarnessChoice | None = None) -> ed.Edition:
+              harnesses: HarnessChoice | None = None, again: bool = False) -> ed.Edition:
         """Run the whole cycle; raises NotQuiescent (target untouched) when
-        no safe moment came within ``timeout`` seconds."""
+        no safe moment came within ``timeout`` seconds.
+
+        Idempotent by content: when an edition with the same sha256 is
+        applied and still in force, nothing is done and that edition is
+        returned with ``already_applied`` set; ``again=True`` stacks
+        another copy deliberately."""
         patch = _load(patch)
-        with self._locked("applying the patch"):
-            self._recover(timeout)
-            cycle = _GuardedCycle(self, patch, harnesses=harnesses)
-            edition = cycle.run(timeout)
-            edition.attempts = cycle.attempts
-        self.verify("applying")
+        with self._audited("apply", patch) as record, self._locked("applying the patch"):
+            operations.recover(self.target, timeout)
+            edition = None if again else self.applied_edition(patch.sha256)
+            if edition is not None:
+                edition.already_applied = True
+            else:
+                edition = PatchCycle(self.target, patch, harnesses=harnesses).run(timeout)
+            record.edition_done(edition)
+            self.verify("applying")
         return edition
 
+    def applied_edition(self, sha256: str) -> ed.Edition | None:
+        """The applied edition with this content whose code is in force
+        (every trampoline still in place: not overridden by a newer edition),
+        or None."""
+        e = ed.find_applied(self.editions(), sha256)
+        if e is None:
+            return None
+        for f in e.functions:
+            new = bytes.fromhex(f.new_bytes)
+            if self.mem.read(f.addr, len(new)) != new:
+                return None
+        return e
+
     def check(self, patch: str | PatchFile, harnesses: HarnessChoice | None = None) -> CheckReport:
-        """prepare + apply + finalize + one quiescence probe, then abort."""
+        """stage (prepare, link, finalize) + one quiescence probe, then abort."""
         patch = _load(patch)
         with self._locked("checking the patch"):
-            self._recover()
-            cycle = _GuardedCycle(self, patch, harnesses=harnesses)
+            operations.recover(self.target)
+            cycle = PatchCycle(self.target, patch, harnesses=harnesses)
             try:
-                cycle.prepare()
-                cycle.apply()
-                cycle.finalize()
+                cycle.stage()
                 result = cycle.probe()
             finally:
                 cycle.abort()
@@ -159,159 +142,75 @@ class Process:
         """Stage a patch: mapped, linked, recorded as ``prepared``; the
         target keeps running the old code until ``cutover``."""
         patch = _load(patch)
-        with self._locked("preparing the patch"):
-            self._recover()
-            cycle = _GuardedCycle(self, patch, staged=True, harnesses=harnesses)
+        with self._audited("prepare", patch) as record, self._locked("preparing the patch"):
+            operations.recover(self.target)
+            cycle = PatchCycle(self.target, patch, staged=True, harnesses=harnesses)
             try:
-                cycle.prepare()
-                cycle.apply()
-                cycle.finalize()
+                edition = cycle.stage()
             except BaseException:
                 cycle.abort()
                 raise
-        self.verify("preparing")
-        return cycle.edition
+            record.edition_done(edition)
+            self.verify("preparing")
+        return edition
 
     def cutover(self, edition_id: int | None = None, timeout: float = 5.0) -> ed.Edition:
         """Switch a prepared edition (the newest prepared one by default)."""
-        with self._locked("switching"):
-            self._recover()
-            e = self._pick(edition_id, "prepared")
-            t = Transition(self, e, APPLY)
-            self.verify("switching")
-            t.start(timeout)
-        self.verify("switching")
-        return e
+        return self._on_edition(edition_id, State.PREPARED, "cutover", "switching",
+                                lambda e: operations.cutover(self.target, e, timeout))
 
     def abort(self, edition_id: int | None = None) -> ed.Edition:
         """Discard a prepared edition; its memory leaves the target."""
-        with self._locked("aborting"):
-            self._recover()
-            e = self._pick(edition_id, "prepared")
-            self.verify("aborting")
-            unmap_regions(self, e.regions)
-        self.verify("aborting")
-        return e
+        return self._on_edition(edition_id, State.PREPARED, "abort", "aborting",
+                                lambda e: operations.abort(self.target, e.regions))
 
     def revert(self, edition_id: int | None = None, timeout: float = 5.0) -> ed.Edition:
         """Undo an applied edition (the newest by default): a cutover in
         reverse, quiescence checked against the new code, then its memory
         is freed. Refused while a newer edition replaces the same functions."""
-        with self._locked("reverting"):
-            self._recover()
-            e = self._pick(edition_id, "applied")
-            t = Transition(self, e, REVERT)
-            self.verify("reverting")
-            t.start(timeout)
-        self.verify("reverting")
+        return self._on_edition(edition_id, State.APPLIED, "revert", "reverting",
+                                lambda e: operations.revert(self.target, e, timeout))
+
+    def _on_edition(self, edition_id: int | None, state: State, action: str, doing: str,
+                    act: Callable[[ed.Edition], object]) -> ed.Edition:
+        """Audit, lock, recover, find the edition (which must be in
+        ``state``), act."""
+        with self._audited(action) as record, self._locked(doing):
+            operations.recover(self.target)
+            e = operations.find(self.target, edition_id, state)
+            record.edition_done(e)
+            act(e)
+            record.edition_done(e)
+            self.verify(doing)
         return e
 
     def recover(self, timeout: float = 5.0) -> list[str]:
         """Finish or undo whatever an interrupted tool left behind."""
-        with self._locked("recovering"):
-            done = self._recover(timeout)
-        self.verify("recovering")
+        with self._audited("recover"), self._locked("recovering"):
+            done = operations.recover(self.target, timeout)
+            self.verify("recovering")
         return done
 
     def editions(self) -> list[ed.Edition]:
-        """Editions applied or prepared in the target, newest first."""
-        self.verify()
-        eds = ed.list_editions(self.mem, read_maps(self.pid))[0]
-        self.verify("reading its editions")  # what we read was this process's
+        """Editions applied or prepared in the target, newest first. When
+        no other tool is at work on it, those a killed tool left half-way
+        are marked ``orphaned`` (``recover`` removes or finishes them)."""
+        eds = self.target.editions()
+        if any(ed.may_be_orphan(e) for e in eds) and not TargetLock(self.pid).busy():
+            ed.mark_orphans(eds)
         return eds
 
     def symbolize(self, addr: int) -> str:
         """``object:function+0xoff`` for an address in the target."""
-        try:
-            sym = self.symbols.function_at(addr)
-        except HotpatchError:
-            sym = None
-        return f"{sym.qualified}+{addr - sym.addr:#x}" if sym else hex(addr)
-
-    # -- recovery -------------------------------------------------------------
-    def _pick(self, edition_id: int | None, state: str) -> ed.Edition:
-        eds = self.editions()
-        if edition_id is None:
-            cands = [e for e in eds if e.state == state]
-            if not cands:
-                raise BadInput(f"process {self.pid} has no {state} edition")
-            return cands[0]
-        for e in eds:
-            if e.id == edition_id:
-                if e.state != state:
-                    raise BadInput(f"edition {edition_id} of process {self.pid} is {e.state}, not {state}")
-                return e
-        raise BadInput(f"process {self.pid} has no edition {edition_id} (see hotpatch list)")
-
-    def _recover(self, timeout: float = 5.0) -> list[str]:
-        """Called under the lock, so no other live tool is mid-operation:
-        anything unstable was left by a tool that died."""
-        self.verify()
-        maps = read_maps(self.pid)
-        eds, orphans = ed.list_editions(self.mem, maps)
-        done: list[str] = []
-        regions = ed.regions_in(maps)
-        leaked = ed.leaked_descriptors(self.pid)
-        if leaked:
-            with Injector(self.pid, self.mem) as inj:
-                for fd in leaked:
-                    inj("close", fd)
-            done.append(f"closed {len(leaked)} descriptor(s) an interrupted tool left open")
-        if runout.remove_leftovers(self.pid, self.mem, timeout):
-            done.append("removed the run-out copy of an interrupted hot-function switch")
-        for eid in orphans:  # killed before its record was complete
-            unmap_regions(self, [(m.start, m.end - m.start) for m in regions[eid]])
-            done.append(f"removed the memory of edition {eid}, interrupted while preparing")
-        for e in eds:
-            if e.state == "preparing" or (e.state == "prepared" and not e.staged):
-                unmap_regions(self, e.regions)
-                done.append(f"removed edition {e.id} ({e.patch}), left {e.state} by an interrupted tool")
-            elif e.state in ("switching", "reverting"):
-                done.append(self._finish_transition(e, timeout))
-        return done
-
-    def _finish_transition(self, e: ed.Edition, timeout: float) -> str:
-        """A switch interrupted between its writes: look at which trampolines
-        are in, then complete the interrupted direction."""
-        current = {f.addr: self.mem.read(f.addr, len(bytes.fromhex(f.new_bytes))) for f in e.functions}
-        still_old = [f for f in e.functions if current[f.addr] == bytes.fromhex(f.old_bytes)]
-        still_new = [f for f in e.functions if current[f.addr] == bytes.fromhex(f.new_bytes)]
-        if len(still_old) + len(still_new) != len(e.functions):
-            raise RemoteError(f"edition {e.id}: code of process {self.pid} matches neither old nor new bytes; "
-                              "not touching it")
-        if e.state == "switching":
-            if still_old:
-                Transition(self, e, APPLY, functions=still_old).start(timeout)
-            else:
-                e.state = "applied"
-                self.mem.write(*e.state_bytes("applied"))
-            return f"completed the interrupted switch of edition {e.id} ({e.patch})"
-        if still_new:
-            Transition(self, e, REVERT, functions=still_new).start(timeout)
-        else:
-            unmap_regions(self, e.regions)
-        return f"completed the interrupted revert of edition {e.id} ({e.patch})"
+        return self.target.symbolize(addr)
 
     # -- plumbing -------------------------------------------------------------
     @contextmanager
     def _locked(self, doing: str):
-        """One hotpatch at a time per target: two tools interleaving
-        trampoline writes could leave a mix. A failure caused by the target
-        dying under us (a short write, a failed injection) is reported as
-        what it is: TargetGone."""
-        path = os.path.join(_lock_dir(), f"ksplice_py.{self.pid}.lock")
-        # O_NOFOLLOW: the lock directory may be world-writable (sticky);
-        # root must not be led through someone's symlink.
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-        except OSError as e:
-            raise AccessDenied(f"cannot open the lock file {path}: {e.strerror}; remove it if stale") from None
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise AccessDenied(
-                    f"another hotpatch is working on process {self.pid}; wait for it to finish") from None
+        """One hotpatch at a time per target (locking.py). A failure caused
+        by the target dying under us (a short write, a failed injection) is
+        reported as what it is: TargetGone."""
+        with TargetLock(self.pid):
             try:
                 yield
             except HotpatchError as err:
@@ -319,19 +218,39 @@ class Process:
                 if gone is None:
                     raise
                 raise TargetGone(f"{gone} (the step in progress failed: {err})") from None
-        finally:
-            os.close(fd)
+
+    @contextmanager
+    def _audited(self, action: str, patch: PatchFile | None = None):
+        """One audit record for the operation, whatever its outcome; the
+        body fills in the edition (AuditRecord.edition_done)."""
+        record = audit.AuditRecord(action=action)
+        record.target(self.target)
+        if patch is not None:
+            record.patch_file(patch)
+        try:
+            yield record
+        except BaseException as e:
+            if isinstance(e, (HotpatchError, Interrupted)):
+                code, message = e.exit_code, str(e)
+            else:  # a bug, or a KeyboardInterrupt in a program using the library
+                code, message = 1, f"{type(e).__name__}: {e}"
+            record.finish(code, " ".join(message.split()))
+            self.audit_log.write(record)
+            raise
+        record.finish(0)
+        self.audit_log.write(record)
 
     def _gone(self, doing: str) -> TargetGone | None:
         try:
-            self.handle.verify(doing)
+            self.target.verify(doing)
         except TargetGone as gone:
             return gone
         return None
 
     def close(self) -> None:
-        self.mem.close()
-        self.handle.close()
+        self.target.close()
+        if self._own_log:
+            self.audit_log.close()
 
     def __enter__(self) -> "Process":
         return self
@@ -345,10 +264,11 @@ def _load(patch: str | PatchFile) -> PatchFile:
     return patch if isinstance(patch, PatchFile) else trust.load_patch(patch)
 
 
-def attach(pid: int) -> Process:
+def attach(pid: int, audit_log: audit.AuditLog | None = None) -> Process:
     """A Process for ``pid``; raises NoSuchProcess/AccessDenied up front, and
-    UnsupportedTarget (exit 2) for a process that is not x86-64."""
-    return Process(pid)
+    UnsupportedTarget (exit 2) for a process that is not x86-64. Changes are
+    audited to ``audit_log`` (default: AuditLog.default())."""
+    return Process(pid, audit_log)
 
 
 __all__ = ["Process", "attach", "CheckReport", "HotpatchError"]

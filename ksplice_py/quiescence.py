@@ -9,9 +9,24 @@ module decides *which* code counts and explains, afterwards, who blocked.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import IntEnum
 from typing import Callable, Iterable
 
-SAFE, IN_RIP, ON_STACK, STACK_UNKNOWN, NOT_STOPPED = 0, 1, 2, 3, 4
+from . import editions as ed
+from .native import header_constants
+from .x86relocator import jump_destination
+
+_KP = header_constants()
+
+
+class Verdict(IntEnum):
+    """A thread's verdict, as kp_scan writes it (defined in kp_native.h)."""
+
+    SAFE = _KP["KP_SAFE"]
+    IN_RIP = _KP["KP_IN_RIP"]
+    ON_STACK = _KP["KP_ON_STACK"]
+    STACK_UNKNOWN = _KP["KP_STACK_UNKNOWN"]
+    NOT_STOPPED = _KP["KP_NOT_STOPPED"]
 
 
 @dataclass(frozen=True)
@@ -24,17 +39,53 @@ class CodeRange:
 
 
 def busy_ranges(old_code: Iterable[CodeRange], retired_code: Iterable[CodeRange] = ()) -> list[CodeRange]:
-    """The stacking rule, in one place.
-
-    Applying a patch retires the code each replaced function runs *now*: the
-    original function (whose first bytes the trampoline overwrites), and, if
-    an earlier edition already redirected it, that edition's code too, since
-    threads inside it would otherwise keep running superseded code.
-    Reverting retires the edition's new code and its call-original stubs
-    (they are unmapped) plus the trampoline windows being rewritten.
-    Callers pass both kinds; the union is what a thread must not be in."""
+    """The union of code a thread must not be in (empty ranges dropped), by start."""
     ranges = [r for r in (*old_code, *retired_code) if r.end > r.start]
     return sorted(ranges, key=lambda r: r.start)
+
+
+# -- the stacking rule, in one place ---------------------------------------------
+def owner_edition(addr: int, editions: list[ed.Edition]) -> ed.Edition | None:
+    """The edition whose memory holds ``addr``."""
+    for e in editions:
+        if any(start <= addr < start + size for start, size in e.regions):
+            return e
+    return None
+
+
+def redirected_to(addr: int, code: bytes, editions: list[ed.Edition]) -> ed.Edition | None:
+    """The edition a trampoline (``code``, at ``addr``) jumps into, if any."""
+    dest = jump_destination(code, addr)
+    return None if dest is None else owner_edition(dest, editions)
+
+
+def patch_ranges(functions: list[ed.FunctionSwitch], others: list[ed.Edition],
+                 split_parts: Callable[[ed.FunctionSwitch], list[CodeRange]]) -> list[CodeRange]:
+    """What a cutover retires: the code each replaced function runs *now*.
+    That is the original function (its whole body, and at least the bytes
+    the trampoline overwrites), its split-off parts (``split_parts``: gcc's
+    ``.cold``), and, when an earlier edition already redirected it, that
+    edition's code too, since threads inside it would keep running
+    superseded code. We do not record each new function's size, so the
+    earlier edition's whole memory counts: conservative, never unsafe."""
+    old = [CodeRange(f.addr, f.addr + max(f.size, len(bytes.fromhex(f.old_bytes))), f.symbol)
+           for f in functions]
+    old += [c for f in functions for c in split_parts(f)]
+    retired = []
+    for f in functions:
+        below = redirected_to(f.addr, bytes.fromhex(f.old_bytes), others)
+        if below:
+            retired += [CodeRange(s, s + n, f"edition {below.id}") for s, n in below.regions]
+    return busy_ranges(old, retired)
+
+
+def unpatch_ranges(edition: ed.Edition, functions: list[ed.FunctionSwitch]) -> list[CodeRange]:
+    """What a revert retires: the edition's memory (new code and stubs: it
+    is unmapped afterwards, so no thread may be anywhere in it), and the
+    trampolines being rewritten."""
+    windows = [CodeRange(f.addr, f.addr + len(bytes.fromhex(f.new_bytes)), f.symbol) for f in functions]
+    regions = [CodeRange(s, s + n, f"edition {edition.id}") for s, n in edition.regions]
+    return busy_ranges(windows, regions)
 
 
 def frames_are_safe(pcs: list[int], ranges: list[CodeRange]) -> bool:
@@ -81,12 +132,12 @@ def thread_name(pid: int, tid: int) -> str:
 def blocker(pid: int, tid: int, verdict: int, value: int, ranges: list[CodeRange],
             symbolize: Callable[[int], str], backtrace: Iterable[int] = ()) -> Blocker:
     owner = next((r.name for r in ranges if r.start <= value < r.end), None)
-    where = symbolize(value) if verdict in (IN_RIP, ON_STACK) else None
-    if verdict == IN_RIP:
+    where = symbolize(value) if verdict in (Verdict.IN_RIP, Verdict.ON_STACK) else None
+    if verdict == Verdict.IN_RIP:
         reason = f"is executing {where} (in {owner})"
-    elif verdict == ON_STACK:
+    elif verdict == Verdict.ON_STACK:
         reason = f"has a return address into {owner} on its stack ({where})"
-    elif verdict == STACK_UNKNOWN:
+    elif verdict == Verdict.STACK_UNKNOWN:
         reason = "has a stack outside any known mapping"
     else:
         reason = "did not stop in time (uninterruptible sleep?)"

@@ -4,6 +4,7 @@ package by pyproject's package-dir, so the same lookup works from a source
 checkout, an editable install and a wheel."""
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -28,3 +29,13 @@ def csrc() -> Path:
 
 def harnesses_dir() -> Path:
     return _find("ksplice_py._harnesses", "harnesses")
+
+
+def cache_dir() -> Path:
+    """Where built helpers, symbol tables and demo builds are kept:
+    $KSPLICE_PY_CACHE, else $XDG_CACHE_HOME/ksplice_py, else ~/.cache/ksplice_py."""
+    env = os.environ.get("KSPLICE_PY_CACHE")
+    if env:
+        return Path(env)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return Path(xdg) / "ksplice_py" if xdg else Path.home() / ".cache" / "ksplice_py"

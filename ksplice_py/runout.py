@@ -40,17 +40,20 @@ from enum import Enum
 import capstone
 from capstone import x86
 
-from . import placement, quiescence
+from . import placement
 from . import x86relocator as rel
 from . import x86writer as w
 from .errors import HotpatchError, TrampolineError
 from .maps import Mapping, read_maps
-from .quiescence import CodeRange
+from .constants import MAP_FIXED_NOREPLACE, MAP_PRIVATE, MFD_CLOEXEC, PROT_EXEC, PROT_READ, SYSCALLS
+from .quiescence import CodeRange, Verdict
 from .tracer import Injector, World
 
 NAME = "ksplice_py:runout"
 STUB_SIZE = 48
-STUB_PREFIX = bytes.fromhex("488d642480" "50" "51" "4153" "b827000000" "0f05")
+STUB_PREFIX = (bytes.fromhex("488d642480" "50" "51" "4153")            # lea rsp,[rsp-128]; push x3
+               + b"\xb8" + SYSCALLS["getpid"].to_bytes(4, "little")    # mov eax, getpid
+               + b"\x0f\x05")                                           # syscall
 STUB_SUFFIX = bytes.fromhex("415b" "59" "58" "488da42480000000")
 MAX_RANGE = 64 << 10  # bigger retired ranges (whole libraries' worth) are not copied
 MAX_TOTAL = 256 << 10
@@ -333,10 +336,10 @@ class Runout:
             return unsafe  # at most once per stopped window
         threads = world.threads()
         self.notes = {}
-        if any(t.unsafe not in (quiescence.SAFE, quiescence.IN_RIP) for t in threads):
+        if any(t.unsafe not in (Verdict.SAFE, Verdict.IN_RIP) for t in threads):
             return unsafe  # someone deeper in: we must wait anyway
         self._moved_in = world
-        idx = [n for n, t in enumerate(threads) if t.unsafe == quiescence.IN_RIP]
+        idx = [n for n, t in enumerate(threads) if t.unsafe == Verdict.IN_RIP]
         ffi, lib = world.ffi, world.lib
         t0 = lib.kp_now_us()
         result = ffi.new("int[]", len(idx))
@@ -352,10 +355,10 @@ class Runout:
         before = [t.unsafe for t in threads]
         unsafe = scan()
         for t, was in zip(world.threads(), before):
-            if was == quiescence.SAFE and t.unsafe:
+            if was == Verdict.SAFE and t.unsafe:
                 # not advanced and stopped all along: an earlier precise
                 # verdict stands
-                t.unsafe = quiescence.SAFE
+                t.unsafe = Verdict.SAFE
                 unsafe -= 1
         return unsafe
 
@@ -364,11 +367,11 @@ def map_scratch(inj: Injector, mem, maps: list[Mapping], anchors: list[int], siz
     """A named, private r-x memfd mapping within rel32 reach of ``anchors``."""
     name_addr = inj.scratch
     mem.write(name_addr, NAME.encode() + b"\0")
-    fd = inj.checked("memfd_create", name_addr, 1)  # MFD_CLOEXEC
+    fd = inj.checked("memfd_create", name_addr, MFD_CLOEXEC)
     try:
         inj.checked("ftruncate", fd, size)
         for hint in placement.candidates(maps, anchors, size)[:16]:
-            addr = inj("mmap", hint, size, 5, 0x02 | 0x100000, fd, 0)  # r-x, private|FIXED_NOREPLACE
+            addr = inj("mmap", hint, size, PROT_READ | PROT_EXEC, MAP_PRIVATE | MAP_FIXED_NOREPLACE, fd, 0)
             if addr == hint:
                 return addr
             if not -4096 < addr < 0:

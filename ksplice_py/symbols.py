@@ -32,6 +32,7 @@ from elftools.elf.relocation import RelocationSection
 from elftools.elf.sections import SymbolTableSection
 
 from . import maps as _maps
+from .constants import page_down
 from .errors import (
     AmbiguousSymbol,
     BadInput,
@@ -41,12 +42,11 @@ from .errors import (
     UnsupportedPatch,
 )
 from .memory import RemoteMemory
+from .resources import cache_dir
 
 # Bump when _FileData (or how it is computed) changes: old cache files are ignored.
 FORMAT_VERSION = 1
 DEBUG_ROOT = "/usr/lib/debug/.build-id"
-
-_PAGE = os.sysconf("SC_PAGE_SIZE")
 
 _KIND = {"STT_FUNC": "func", "STT_LOOS": "ifunc",  # STT_GNU_IFUNC == STT_LOOS
          "STT_OBJECT": "object", "STT_COMMON": "object", "STT_NOTYPE": "other"}
@@ -311,14 +311,6 @@ def _parse_file(host_path: str, build_id: str | None) -> _FileData:
 
 
 # --- the cache -------------------------------------------------------------
-def cache_dir() -> Path:
-    env = os.environ.get("KSPLICE_PY_CACHE")
-    if env:
-        return Path(env)
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return Path(xdg) / "ksplice_py" if xdg else Path.home() / ".cache" / "ksplice_py"
-
-
 def cache_path(build_id: str) -> Path:
     return cache_dir() / f"{build_id}.{FORMAT_VERSION}.pickle"
 
@@ -438,12 +430,12 @@ class TargetSymbols:
             return None
         # The first PT_LOAD is mapped at the page holding its file offset.
         off, vaddr = hdr.first_load
-        page_off = off & ~(_PAGE - 1)
+        page_off = page_down(off)
         starts = [m.start for m in mf.mappings if m.offset == page_off]
         if not starts:
             self.skipped.append((mf.path, "its first PT_LOAD segment is not mapped"))
             return None
-        bias = min(starts) - (vaddr & ~(_PAGE - 1))
+        bias = min(starts) - page_down(vaddr)
         if hdr.dynamic:
             self._dynamic[mf.path] = hdr.dynamic
         return ObjectInfo(mf.name, mf.path, path, bias, hdr.build_id, mf.start, mf.end)

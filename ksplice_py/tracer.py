@@ -14,24 +14,16 @@ from __future__ import annotations
 
 import errno
 import os
-from dataclasses import dataclass
 
 from . import native
+from .constants import (ERESTART_RESTARTBLOCK, ERESTARTNOHAND, ERESTARTNOINTR, ERESTARTSYS, MAP_ANONYMOUS,
+                        MAP_PRIVATE, MFD_CLOEXEC, PAGE_SIZE, PROT_EXEC, PROT_READ, PROT_WRITE, SYSCALLS,
+                        syscall_failed)
 from .errors import AccessDenied, NoSuchProcess, RemoteError, TargetGone
 from .identity import status_field
 from .maps import Mapping
 
 MAX_THREADS = 1 << 20
-
-
-@dataclass(frozen=True)
-class ThreadState:
-    """A stopped thread, copied out of the C array for reporting."""
-
-    tid: int
-    rip: int
-    rsp: int
-    regs: dict[str, int]
 
 
 def list_tids(pid: int) -> list[int]:
@@ -214,11 +206,8 @@ def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
 
 # -- syscall injection ------------------------------------------------------
 
-SYS = {"mmap": 9, "mprotect": 10, "munmap": 11, "close": 3, "ftruncate": 77, "memfd_create": 319}
-PAGE = 4096
 INJECTOR_NAME = "ksplice_py:injector"
-_ERESTART = (-512, -513, -514)  # ERESTARTSYS, ERESTARTNOINTR, ERESTARTNOHAND
-_ERESTART_RESTARTBLOCK, _NR_RESTART_SYSCALL = -516, 219
+_ERESTART = (-ERESTARTSYS, -ERESTARTNOINTR, -ERESTARTNOHAND)
 # Save area order (page 2 of the injector): what the stub pops, then rsp, rip.
 _SAVED = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp",
           "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15", "eflags")
@@ -229,11 +218,11 @@ def entry_stub() -> bytes:
     next page and jump to the saved rip: a thread whose tracer dies in the
     middle of an injected syscall resumes exactly where it was, by itself."""
     code = bytearray(b"\x0f\x05")                              # syscall
-    code += b"\x48\x8d\x25" + (PAGE - (len(code) + 7)).to_bytes(4, "little")  # lea rsp,[save area]
+    code += b"\x48\x8d\x25" + (PAGE_SIZE - (len(code) + 7)).to_bytes(4, "little")  # lea rsp,[save area]
     code += b"\x58\x5b\x59\x5a\x5e\x5f\x5d"                   # pop rax rbx rcx rdx rsi rdi rbp
     code += b"".join(bytes([0x41, 0x58 + i]) for i in range(8))  # pop r8 .. r15
     code += b"\x9d"                                             # popfq
-    rsp_slot, rip_slot = PAGE + 8 * len(_SAVED), PAGE + 8 * (len(_SAVED) + 1)
+    rsp_slot, rip_slot = PAGE_SIZE + 8 * len(_SAVED), PAGE_SIZE + 8 * (len(_SAVED) + 1)
     code += b"\x48\x8b\x25" + (rsp_slot - (len(code) + 7)).to_bytes(4, "little")  # mov rsp,[saved rsp]
     code += b"\xff\x25" + (rip_slot - (len(code) + 6)).to_bytes(4, "little")       # jmp [saved rip]
     return bytes(code)
@@ -247,8 +236,8 @@ def continuation(regs) -> bytes:
     rax = r["rax"] - (1 << 64) if r["rax"] >= 1 << 63 else r["rax"]
     if r["orig_rax"] < 1 << 63 and rax in _ERESTART:
         r["rax"], r["rip"] = r["orig_rax"], r["rip"] - 2
-    elif r["orig_rax"] < 1 << 63 and rax == _ERESTART_RESTARTBLOCK:
-        r["rax"], r["rip"] = _NR_RESTART_SYSCALL, r["rip"] - 2
+    elif r["orig_rax"] < 1 << 63 and rax == -ERESTART_RESTARTBLOCK:
+        r["rax"], r["rip"] = SYSCALLS["restart_syscall"], r["rip"] - 2
     r["eflags"] &= ~0x10100  # never resume with TF/RF set
     return b"".join(r[k].to_bytes(8, "little") for k in (*_SAVED, "rsp", "rip"))
 
@@ -302,7 +291,7 @@ class Injector:
         raise TargetGone(f"no thread of process {self.pid} could be stopped to run a syscall")
 
     def _arm(self, entry: int) -> None:
-        self.mem.write(entry + PAGE, continuation(self._t[0].regs))
+        self.mem.write(entry + PAGE_SIZE, continuation(self._t[0].regs))
 
     def _find_injector(self) -> int:
         from .maps import read_maps
@@ -318,30 +307,31 @@ class Injector:
         registers); everything else already runs from a self-restoring stub."""
         from .maps import read_maps
         self.entry = find_syscall_gadget(self.pid, read_maps(self.pid), self.mem.read)
-        scratch = self.checked("mmap", 0, 2 * PAGE, 7, 0x22, -1, 0)  # RWX, private|anonymous
+        scratch = self.checked("mmap", 0, 2 * PAGE_SIZE, PROT_READ | PROT_WRITE | PROT_EXEC,
+                               MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
         stub = entry_stub()
         self.mem.write(scratch, stub)
         self._arm(scratch)
         self.entry = scratch
-        name_addr = scratch + PAGE + 512  # past the save area
+        name_addr = scratch + PAGE_SIZE + 512  # past the save area
         self.mem.write(name_addr, INJECTOR_NAME.encode() + b"\0")
-        fd = self.checked("memfd_create", name_addr, 1)  # MFD_CLOEXEC
+        fd = self.checked("memfd_create", name_addr, MFD_CLOEXEC)
         try:
-            self.checked("ftruncate", fd, 2 * PAGE)
-            page = self.checked("mmap", 0, 2 * PAGE, 5, 0x02, fd, 0)  # r-x, private
+            self.checked("ftruncate", fd, 2 * PAGE_SIZE)
+            page = self.checked("mmap", 0, 2 * PAGE_SIZE, PROT_READ | PROT_EXEC, MAP_PRIVATE, fd, 0)
         finally:
             self("close", fd)
-        self.checked("mprotect", page + PAGE, PAGE, 3)  # the save area: rw-
+        self.checked("mprotect", page + PAGE_SIZE, PAGE_SIZE, PROT_READ | PROT_WRITE)  # the save area
         self.mem.write(page, stub)
         self._arm(page)
         self.entry = page
-        self.checked("munmap", scratch, 2 * PAGE)
+        self.checked("munmap", scratch, 2 * PAGE_SIZE)
         return page
 
     def __call__(self, name: str, *args: int) -> int:
         a = [int(x) for x in args] + [0] * (6 - len(args))
         ret = self.ffi.new("long *")
-        rc = self.lib.kp_inject_syscall(self._t, self.entry, SYS[name], *a, ret)
+        rc = self.lib.kp_inject_syscall(self._t, self.entry, SYSCALLS[name], *a, ret)
         if rc == -errno.ESRCH:
             raise TargetGone(f"process {self.pid} exited")
         if rc != 0:
@@ -350,14 +340,14 @@ class Injector:
 
     def checked(self, name: str, *args: int) -> int:
         r = self(name, *args)
-        if -4096 < r < 0:
+        if syscall_failed(r):
             raise RemoteError(f"{name} in process {self.pid} failed: {os.strerror(-r)}")
         return r
 
     @property
     def scratch(self) -> int:
         """Bytes of the injector's data page free for syscall arguments."""
-        return self.entry + PAGE + 512
+        return self.entry + PAGE_SIZE + 512
 
     def _release(self) -> None:
         release_threads(self.lib, self.pid, self._t, self._n, 8)

@@ -135,11 +135,11 @@ def plan_call_original(fn: FunctionCode, stub_addr: int) -> bytes:
     try:
         moved = rel.relocate(fn.code[:fn.size], fn.addr, stub_addr, w.JMP_REL32_LEN)
     except TrampolineError as e:
-        insn_addr = e.details.get("insn_addr", fn.addr)
-        text = e.details.get("text") or "instruction"
+        insn_addr = fn.addr if e.insn_addr is None else e.insn_addr
+        text = e.text or "instruction"
         raise TrampolineError(
             f"cannot wrap {fn.name}: `{text}` at {_where(fn, insn_addr)} cannot be "
-            f"moved to the call-original stub: {e.details.get('reason', e)}",
+            f"moved to the call-original stub: {e.reason or e}",
             func=fn.name) from e
     assert moved.consumed == covered
     back = w.jmp_best(stub_addr + len(moved.code), fn.addr + moved.consumed)

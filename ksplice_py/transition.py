@@ -7,6 +7,8 @@ Lifecycle, as in Linux's kernel/livepatch/transition.c:
 here, before any thread stops) -> ``start`` (retry loop) -> ``try_complete``
 (one stopped-window attempt) -> ``complete`` (record updated) or, when no
 safe moment comes, ``NotQuiescent`` naming the threads that blocked.
+operations.py runs it (cutover, revert, recovery); lifecycle.py has the
+states it moves the edition through.
 """
 from __future__ import annotations
 
@@ -17,15 +19,16 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
 from . import editions as ed
-from . import consistency, harness, quiescence, runout
+from . import consistency, harness, interrupts, quiescence, runout
 from .consistency import Consistency
 from .errors import HotpatchError, NotQuiescent, PatchMismatch, RemoteError
+from .lifecycle import Direction
 from .maps import read_maps
-from .quiescence import Blocker, CodeRange
-from .tracer import Injector, World
+from .quiescence import Blocker, CodeRange, Verdict
+from .target import Target
+from .tracer import World
 from .unwind import Unwinder
 
-APPLY, REVERT = "apply", "revert"
 REG_NAMES = ("rip", "rsp", "rbp", "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "r8", "r9", "r10",
              "r11", "r12", "r13", "r14", "r15", "orig_rax", "fs_base")
 STOP_TIMEOUT = 0.2  # longest wait for every thread to reach its stop, per attempt
@@ -64,26 +67,12 @@ def sleep_backoff(attempt: int, remaining: float) -> None:
     time.sleep(max(0.0, min(delay, remaining)))
 
 
-def jmp_target(addr: int, code: bytes) -> int | None:
-    """Destination of a ``jmp rel32`` at addr, if code starts with one."""
-    if len(code) >= 5 and code[0] == 0xE9:
-        return addr + 5 + int.from_bytes(code[1:5], "little", signed=True)
-    return None
-
-
-def owner_edition(addr: int, editions: list[ed.Edition]) -> ed.Edition | None:
-    for e in editions:
-        if any(start <= addr < start + size for start, size in e.regions):
-            return e
-    return None
-
-
 class Transition:
-    """Switch ``edition`` in (APPLY) or out (REVERT)."""
+    """Switch ``edition`` in (Direction.PATCH) or out (Direction.UNPATCH)."""
 
-    def __init__(self, proc, edition: ed.Edition, direction: str,
+    def __init__(self, target: Target, edition: ed.Edition, direction: Direction,
                  functions: list[ed.FunctionSwitch] | None = None) -> None:
-        self.proc, self.pid, self.mem = proc, proc.pid, proc.mem
+        self.target, self.pid, self.mem = target, target.pid, target.mem
         self.edition = edition
         self.direction = direction
         self.functions = edition.functions if functions is None else functions
@@ -91,13 +80,13 @@ class Transition:
         self.longest_pause_us = 0.0
         self.stopped_us = 0.0
         self.advanced = 0  # threads moved out of retired code (runout.py)
-        others = [e for e in proc.editions() if e.id != edition.id]
+        others = [e for e in target.editions() if e.id != edition.id]
         self._check_code(others)
         self.harnesses = harness.by_names(edition.harnesses)
         # Harness-critical code counts in both directions: switching resolver
         # code (either way) while a thread is inside the resolver is unsafe.
         self.ranges = quiescence.busy_ranges(
-            self._busy_ranges(others), harness.critical_ranges(self.harnesses, proc.symbols)
+            self._busy_ranges(others), harness.critical_ranges(self.harnesses, target.symbols)
             + runout.leftovers(read_maps(self.pid)))
         self.checks = [h for h in self.harnesses if h.check]
         self.writes = self._writes()
@@ -109,16 +98,16 @@ class Transition:
     def _check_code(self, others: list[ed.Edition]) -> None:
         """The bytes we replace must be exactly those the record expects."""
         for f in self.functions:
-            want = bytes.fromhex(f.old_bytes if self.direction == APPLY else f.new_bytes)
+            want = bytes.fromhex(f.old_bytes if self.direction is Direction.PATCH else f.new_bytes)
             have = self.mem.read(f.addr, len(want))
             if have == want:
                 continue
-            newer = owner_edition(jmp_target(f.addr, have) or -1, others)
-            if self.direction == REVERT and newer:
+            newer = quiescence.redirected_to(f.addr, have, others)
+            if self.direction is Direction.UNPATCH and newer:
                 raise PatchMismatch(
                     f"edition {newer.id} ({newer.patch}) replaced {f.symbol} after edition "
                     f"{self.edition.id}; revert edition {newer.id} first")
-            if self.direction == APPLY and newer:
+            if self.direction is Direction.PATCH and newer:
                 raise PatchMismatch(
                     f"{f.symbol} changed since edition {self.edition.id} was prepared "
                     f"(edition {newer.id} now redirects it); abort and prepare again")
@@ -127,29 +116,13 @@ class Transition:
                 f"{self.edition.id} expects; abort and prepare again")
 
     def _busy_ranges(self, others: list[ed.Edition]) -> list[CodeRange]:
-        if self.direction == APPLY and self.edition.consistency == Consistency.NEW_CALLS:
+        if self.direction is Direction.PATCH and self.edition.consistency == Consistency.NEW_CALLS:
             # Weaker, by the patch's explicit choice: threads may finish old bodies.
             return [consistency.overwritten(f.addr, len(bytes.fromhex(f.old_bytes)), f.symbol)
                     for f in self.functions]
-        if self.direction == APPLY:
-            old = [CodeRange(f.addr, f.addr + max(f.size, len(bytes.fromhex(f.old_bytes))), f.symbol)
-                   for f in self.functions]
-            old += [c for f in self.functions for c in self._split_parts(f)]
-            # Stacking: a function already redirected retires that earlier
-            # edition's code too. We do not record each new function's size,
-            # so its whole region counts: conservative, never unsafe.
-            retired = []
-            for f in self.functions:
-                below = owner_edition(jmp_target(f.addr, bytes.fromhex(f.old_bytes)) or -1, others)
-                if below:
-                    retired += [CodeRange(s, s + n, f"edition {below.id}") for s, n in below.regions]
-            return quiescence.busy_ranges(old, retired)
-        # Revert: the edition's memory is unmapped afterwards, so no thread may
-        # be anywhere in it; nor inside a trampoline being rewritten.
-        windows = [CodeRange(f.addr, f.addr + len(bytes.fromhex(f.new_bytes)), f.symbol)
-                   for f in self.functions]
-        regions = [CodeRange(s, s + n, f"edition {self.edition.id}") for s, n in self.edition.regions]
-        return quiescence.busy_ranges(windows, regions)
+        if self.direction is Direction.PATCH:
+            return quiescence.patch_ranges(self.functions, others, self._split_parts)
+        return quiescence.unpatch_ranges(self.edition, self.functions)
 
     def _split_parts(self, f: ed.FunctionSwitch) -> list[CodeRange]:
         """gcc moves unlikely code to ``name.cold``: a thread there is inside
@@ -157,19 +130,21 @@ class Transition:
         out = []
         for suffix in (".cold", ".part.0"):
             try:
-                sym = self.proc.symbols.resolve(f.symbol + suffix)
+                sym = self.target.symbols.resolve(f.symbol + suffix)
             except HotpatchError:
                 continue
             out.append(CodeRange(sym.addr, sym.addr + sym.size, sym.qualified))
         return out
 
     def _writes(self) -> list[tuple[int, bytes]]:
-        if self.direction == APPLY:
-            return [self.edition.state_bytes("switching"),
-                    *[(f.addr, bytes.fromhex(f.new_bytes)) for f in self.functions],
-                    self.edition.state_bytes("applied")]
-        return [self.edition.state_bytes("reverting"),
-                *[(f.addr, bytes.fromhex(f.old_bytes)) for f in self.functions]]
+        """The window's one batch: the state while switching, every
+        trampoline, then (for a cutover) the final state. A revert's final
+        state is the cleanup's unmap."""
+        during = self.edition.state_bytes(self.direction.during)
+        if self.direction is Direction.PATCH:
+            return [during, *[(f.addr, bytes.fromhex(f.new_bytes)) for f in self.functions],
+                    self.edition.state_bytes(self.direction.outcome)]
+        return [during, *[(f.addr, bytes.fromhex(f.old_bytes)) for f in self.functions]]
 
     # -- start / try_complete ------------------------------------------------------
     def start(self, timeout: float) -> AttemptResult:
@@ -177,7 +152,7 @@ class Transition:
         deadline = time.monotonic() + timeout
         for h in self.harnesses:
             if h.before_cutover:
-                h.before_cutover(self.proc, self.edition)
+                h.before_cutover(self.target, self.edition)
         try:
             return self._retry(deadline, timeout)
         finally:
@@ -186,29 +161,33 @@ class Transition:
     def _retry(self, deadline: float, timeout: float) -> AttemptResult:
         while True:
             self.attempts += 1
-            result = self.try_complete(write=True)
-            if result.done:
-                self.complete(result)
-                for h in self.harnesses:
-                    if h.after_cutover:
-                        h.after_cutover(self.proc, self.edition)
-                return result
+            # SIGINT/SIGTERM wait for the attempt to end: before its write
+            # they then unwind as usual; after it, the switch is complete
+            # and recorded before anyone hears of the interrupt.
+            with interrupts.held():
+                result = self.try_complete(write=True)
+                if result.done:
+                    self.complete(result)
+                    for h in self.harnesses:
+                        if h.after_cutover:
+                            h.after_cutover(self.target, self.edition)
+                    return result
             remaining = deadline - time.monotonic()
             if self.unwinder is None:
                 # one more attempt, with precise unwinding, even when time is up
-                self.prepare_precise()
+                self.load_unwinder()
                 remaining = max(remaining, 0.001)
             self._open_runout(result)
             if remaining <= 0:
-                verb = "switch" if self.direction == APPLY else "revert"
+                within = f"within {timeout:g}s" if timeout else "at once (--timeout 0: one try)"
                 raise NotQuiescent(
-                    f"no safe moment to {verb} edition {self.edition.id} within {timeout:g}s "
+                    f"no safe moment to {self.direction.verb} edition {self.edition.id} {within} "
                     f"({self.attempts} attempts): {quiescence.summarize(result.blockers)}; "
                     f"retry later or with a longer --timeout",
-                    blockers=[b.to_dict() for b in result.blockers], attempts=self.attempts)
+                    blockers=result.blockers, attempts=self.attempts)
             sleep_backoff(self.attempts, remaining)
 
-    def prepare_precise(self) -> None:
+    def load_unwinder(self) -> None:
         """Ready the DWARF unwinder (outside the window) once an attempt was
         blocked: it dismisses conservative false positives and explains who
         blocks. Not built up front: most cutovers never need it."""
@@ -221,7 +200,7 @@ class Transition:
         self.attempts += 1
         result = self.try_complete(write=False)
         if not result.done:
-            self.prepare_precise()
+            self.load_unwinder()
             self._open_runout(result)
             self.attempts += 1
             try:
@@ -249,8 +228,10 @@ class Transition:
 
     def try_complete(self, write: bool) -> AttemptResult:
         """One attempt: stop every thread, check, write if safe, release.
-        Between stop and release only C runs (and a maps re-read in the rare
-        case of a thread stack born after we read them)."""
+        Between stop and release the stop, scan, writes and release are C;
+        Python runs only a maps re-read (a thread stack born after we read
+        them), the DWARF unwinding of flagged threads (once an attempt was
+        blocked) and harness checks."""
         maps = read_maps(self.pid)
         world = World(self.pid).seize()
         lo_hi = [(r.start, r.end) for r in self.ranges]
@@ -264,7 +245,7 @@ class Transition:
             stop_us = world.lib.kp_now_us() - t0
             with realtime():  # from here on, nothing of the target should run
                 unsafe = world.scan(lo_hi, maps) if not late else 0
-                if unsafe and any(t.unsafe == quiescence.STACK_UNKNOWN for t in world.threads()):
+                if unsafe and any(t.unsafe == Verdict.STACK_UNKNOWN for t in world.threads()):
                     unsafe = world.scan(lo_hi, read_maps(self.pid))
                 rescan = lambda: world.scan(lo_hi, maps)  # noqa: E731
                 if unsafe and self.runout is not None:  # hot functions, before any slow path
@@ -276,6 +257,7 @@ class Transition:
                 vetoes = self._run_checks(world) if not late and not unsafe else []
                 if not late and not unsafe and not vetoes and write:
                     self._write_all(world)
+                    interrupts.commit()  # the change is made: the command must complete
                 verdicts = [(t.tid, t.unsafe, t.hit_value) for t in world.threads() if t.unsafe]
                 world.release()
         finally:
@@ -287,7 +269,7 @@ class Transition:
             blockers = self._blockers(verdicts, late) + [
                 Blocker(tid, quiescence.thread_name(self.pid, tid), reason) for tid, reason in vetoes]
             return AttemptResult(False, pause, blockers,
-                                 in_rip=any(v == quiescence.IN_RIP for _, v, _ in verdicts))
+                                 in_rip=any(v == Verdict.IN_RIP for _, v, _ in verdicts))
         return AttemptResult(True, pause)
 
     def _precise(self, world: World) -> int:
@@ -297,13 +279,13 @@ class Transition:
         A thread whose rip is in busy code is never dismissed."""
         dismissed = 0
         for t in world.threads():
-            if t.unsafe not in (quiescence.IN_RIP, quiescence.ON_STACK):
+            if t.unsafe not in (Verdict.IN_RIP, Verdict.ON_STACK):
                 continue
             frames, complete = self.unwinder.unwind({k: getattr(t.regs, k) for k in REG_NAMES}, 64)
             pcs = [f.pc for f in frames]
             self._backtraces[t.tid] = pcs
-            if t.unsafe == quiescence.ON_STACK and complete and quiescence.frames_are_safe(pcs, self.ranges):
-                t.unsafe = quiescence.SAFE
+            if t.unsafe == Verdict.ON_STACK and complete and quiescence.frames_are_safe(pcs, self.ranges):
+                t.unsafe = Verdict.SAFE
                 dismissed += 1
         return dismissed
 
@@ -339,44 +321,37 @@ class Transition:
     def _undo_partial(self) -> None:
         """Still inside the window: put back what landed (all or nothing)."""
         for f in self.functions:
-            before = f.old_bytes if self.direction == APPLY else f.new_bytes
+            before = f.old_bytes if self.direction is Direction.PATCH else f.new_bytes
             try:
                 self.mem.write(f.addr, bytes.fromhex(before))
             except HotpatchError:
                 pass
 
     def _blockers(self, verdicts, late) -> list[Blocker]:
-        out = [quiescence.blocker(self.pid, tid, v, val, self.ranges, self.proc.symbolize,
+        out = [quiescence.blocker(self.pid, tid, v, val, self.ranges, self.target.symbolize,
                                   self._backtraces.get(tid, ()))
                for tid, v, val in verdicts]
         notes = self.runout.notes if self.runout is not None else {}
         out = [replace(b, reason=f"{b.reason}; moving it out failed: it {notes[b.tid]}")
                if b.tid in notes else b for b in out]
-        out += [quiescence.blocker(self.pid, tid, quiescence.NOT_STOPPED, 0, self.ranges, self.proc.symbolize)
+        out += [quiescence.blocker(self.pid, tid, Verdict.NOT_STOPPED, 0, self.ranges, self.target.symbolize)
                 for tid in late]
         return out
 
     # -- complete ------------------------------------------------------------------
     def complete(self, result: AttemptResult) -> None:
+        """The window wrote the states; mirror them here, with the stops'
+        timings (a cutover's record keeps them; a revert's are reported, its
+        record goes with cleanup)."""
         e = self.edition
-        e.pause_us, e.attempts = result.pause_us, self.attempts
-        e.longest_pause_us, e.stopped_us = self.longest_pause_us, self.stopped_us
         e.advanced = self.advanced + (self.runout.advanced if self.runout else 0)
-        if self.direction == APPLY:
-            e.state, e.applied_at = "applied", time.time()
+        e.move(self.direction.during)
+        e.move(self.direction.outcome)
+        if self.direction is Direction.PATCH:
+            e.pause_us, e.attempts = result.pause_us, self.attempts
+            e.longest_pause_us, e.stopped_us = self.longest_pause_us, self.stopped_us
+            e.applied_at = time.time()
             self.mem.write(e.record_addr, e.header())
-        else:
-            e.state = "reverted"
-            unmap_regions(self.proc, e.regions)
+        else:  # the apply's figures stay: they say what the target felt then
+            e.reverted_at, e.revert_pause_us = time.time(), result.pause_us
 
-
-def unmap_regions(proc, regions: list[tuple[int, int]]) -> None:
-    """Remove an edition's memory (and with it, its record). The injector
-    page stays: creating and removing it are the only moments a killed tool
-    could hurt the target, so that happens once per process lifetime, not
-    once per cycle (the crash-safety loop found SIGSEGVs when it went with
-    the last edition)."""
-    with Injector(proc.pid, proc.mem) as inj:
-        for start, size in regions:
-            if start:
-                inj("munmap", start, size)

@@ -29,16 +29,11 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import BadInput, BadPatchFile
+from .errors import BadInput, BadPatchFile, UntrustedPatch
 from .patchfile import PatchFile
 
 MAX_PATCH_BYTES = 512 << 20  # far above any real patch; bounds memory on a hostile file
 _HEX = set("0123456789abcdef")
-
-
-class UntrustedPatch(BadInput):
-    """The patch file could have been written by someone other than root
-    (or the invoking user), or its content is not the pinned one."""
 
 
 @dataclass(frozen=True)

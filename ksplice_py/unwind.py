@@ -27,6 +27,7 @@ from elftools.dwarf.dwarf_expr import DWARFExprOp, DWARFExprParser
 from elftools.dwarf.structs import DWARFStructs
 from elftools.elf.elffile import ELFFile
 
+from .constants import PAGE_SIZE
 from .errors import RemoteError
 from .maps import Mapping, MappedFile, host_path, mapped_files
 from .memory import RemoteMemory
@@ -36,7 +37,6 @@ _DWARF_REGS = ("rax", "rdx", "rcx", "rbx", "rsi", "rdi", "rbp", "rsp",
                "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15", "rip")
 _RSP, _RIP = 7, 16
 _MASK = (1 << 64) - 1
-_PAGE = 4096
 
 _STRUCTS = DWARFStructs(little_endian=True, dwarf_format=32, address_size=8)
 _EXPR_PARSER = DWARFExprParser(_STRUCTS)
@@ -68,10 +68,10 @@ class _PageReader:
             raise RemoteError(f"address {addr:#x} out of range")
         out = b""
         while size:
-            page = addr & ~(_PAGE - 1)
+            page = addr & ~(PAGE_SIZE - 1)
             data = self._pages.get(page)
             if data is None:
-                data = self._pages[page] = self._mem.read(page, _PAGE)
+                data = self._pages[page] = self._mem.read(page, PAGE_SIZE)
             chunk = data[addr - page: addr - page + size]
             out += chunk
             addr += len(chunk)
@@ -221,7 +221,7 @@ class _ObjectCfi:
         """Load bias from the file offset of a mapping and the PT_LOAD holding it."""
         for m in mappings:
             for vaddr, off, filesz in self.loads:
-                if off - off % _PAGE <= m.offset < max(off + filesz, off - off % _PAGE + 1):
+                if off - off % PAGE_SIZE <= m.offset < max(off + filesz, off - off % PAGE_SIZE + 1):
                     return m.start - (vaddr - off + m.offset)
         return None
 
@@ -417,7 +417,7 @@ def _read_saved(row: _Row, cfa: int, mem: _PageReader) -> dict[int, int]:
     if not offs:
         return {}
     lo, hi = min(offs), max(offs) + 8
-    if hi - lo > 4096:
+    if hi - lo > PAGE_SIZE:
         return {o: mem.read_u64((cfa + o) & _MASK) for o in offs}
     data = mem.read((cfa + lo) & _MASK, hi - lo)
     return {o: int.from_bytes(data[o - lo: o - lo + 8], "little") for o in offs}

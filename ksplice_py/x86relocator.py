@@ -60,6 +60,15 @@ def condition_code(insn: capstone.CsInsn) -> int | None:
     return _JCC_CC.get(insn.id)
 
 
+def jump_destination(code: bytes, addr: int) -> int | None:
+    """Where the direct ``jmp`` at ``addr`` goes, if ``code`` starts with one
+    (a trampoline, ours or another tool's)."""
+    first = next(_CS.disasm(code[:16], addr, 1), None)
+    if first is None or first.id != x86.X86_INS_JMP:
+        return None
+    return direct_target(first)
+
+
 def is_call(insn: capstone.CsInsn) -> bool:
     return insn.id == x86.X86_INS_CALL
 

@@ -19,6 +19,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,11 @@ from typing import Callable, Sequence
 import pytest
 
 TESTS = Path(__file__).resolve().parent
+
+# Never the real audit log (/var/log/ksplice_py/audit.jsonl): every hotpatch
+# the tests run, and the library used in-process, append to this file instead.
+AUDIT_LOG = Path(tempfile.mkdtemp(prefix="ksplice-py-tests-")) / "audit.jsonl"
+os.environ["KSPLICE_PY_AUDIT_LOG"] = str(AUDIT_LOG)
 TARGETS = TESTS / "targets"
 PATCHES = TESTS / "patches"
 

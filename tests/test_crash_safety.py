@@ -30,7 +30,7 @@ import ksplice_py
 from ksplice_py.editions import list_editions
 from ksplice_py.maps import read_maps
 from ksplice_py.memory import RemoteMemory
-from ksplice_py.patchfile import PatchFile
+from ksplice_py.trust import load_patch
 
 from conftest import HOTPATCH, assert_not_stopped, assert_ok, describe, run_hotpatch, tracer_pid
 from test_editions import (G_NEW, G_OLD, H_OLD, PRISTINE, SL_MIX_VALUE, WORKERS, ed_maps,
@@ -256,7 +256,7 @@ def kill_loop(target, direction: str, report: dict) -> None:
     pristine = target.extra["pristine"]
     args = ["apply", pid, patch] if direction == "apply" else ["revert", pid]
     triggers = ["start", "lock", "memfd", "traced"] if direction == "apply" else ["start", "lock", "traced"]
-    fg = PatchFile.load(patch)
+    fg = load_patch(patch)
     seed = int(os.environ.get("KSPLICE_PY_SEED", time.time_ns() % 1_000_000))
     rng = random.Random(seed)
     report["seed"] = seed
@@ -339,10 +339,10 @@ def test_sigkill_during_revert(fg_target):
 
 BORROW_AND_DIE = r"""
 import struct, sys
-from ksplice_py import tracer
+from ksplice_py import constants, tracer
 from ksplice_py.memory import RemoteMemory
 pid, tid, fifo = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
-tracer.SYS.update(open=2, read=0)
+constants.SYSCALLS.update(open=2, read=0)
 mem = RemoteMemory(pid)
 inj = tracer.Injector(pid, mem, tid).__enter__()
 assert inj.tid == tid
@@ -406,7 +406,7 @@ def test_recover_finishes_a_switch_or_revert_cut_between_two_writes(fg_target):
     workers may see the mix until `recover` runs — the design accepts
     that — but `recover` must then finish the interrupted direction."""
     target, pid = fg_target, fg_target.pid
-    fg = PatchFile.load(target.extra["patch"])
+    fg = load_patch(target.extra["patch"])
     with ksplice_py.attach(pid) as proc:
         e = proc.prepare(fg)
         first = e.functions[0]

@@ -353,11 +353,11 @@ def test_apply_revert_cycles_leak_nothing(build, ed_target):
     stacks a WRAP on compute. The target's mappings, fds and RSS come back.
     KSPLICE_PY_CYCLES=N overrides the count (KSPLICE_PY_LONG=1: 5000)."""
     import ksplice_py
-    from ksplice_py.patchfile import PatchFile
+    from ksplice_py.trust import load_patch
 
     cycles = int(os.environ.get("KSPLICE_PY_CYCLES", 5000 if os.environ.get("KSPLICE_PY_LONG") else 1000))
     t, pid = ed_target, ed_target.pid
-    fg, wrap = PatchFile.load(build.patch("ed_fg")), PatchFile.load(build.patch("ed_wrap"))
+    fg, wrap = load_patch(build.patch("ed_fg")), load_patch(build.patch("ed_wrap"))
     own_fds = len(os.listdir("/proc/self/fd"))
 
     with ksplice_py.attach(pid) as proc:

@@ -600,7 +600,7 @@ ATHERIS_HARNESS = r'''
 import sys, atheris
 with atheris.instrument_imports():
     from ksplice_py.patchfile import PatchFile
-    from ksplice_py.errors import HotpatchError
+    from ksplice_py import HotpatchError
     from ksplice_py import loader
 
 def one(data: bytes) -> None:

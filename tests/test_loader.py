@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 from elftools.elf.elffile import ELFFile
 
-from ksplice_py.errors import HotpatchError, SymbolNotFound
+from ksplice_py import HotpatchError, SymbolNotFound
 from ksplice_py.loader import LinkedImage, link
 from ksplice_py.patchfile import Import, PatchFile, cflags
+from ksplice_py.trust import load_patch
 
 BASE = 0x7F12_3400_0000
 
@@ -99,7 +100,7 @@ def dyn_relocs(so: Path):
 @pytest.fixture(scope="module")
 def patch(tmp_path_factory):
     so = build(tmp_path_factory.mktemp("loader"), PATCH)
-    return so, PatchFile.load(str(so))
+    return so, load_patch(str(so))
 
 
 def test_every_relocated_slot(patch):
@@ -174,7 +175,7 @@ def test_writes_and_protections(patch):
 
 def test_jump_slots_without_fno_plt(tmp_path):
     so = build(tmp_path, PATCH, drop=("-fno-plt",))
-    p = PatchFile.load(str(so))
+    p = load_patch(str(so))
     binder = FakeBinder()
     img = link(p, BASE, binder)
     slots = [(off, name) for off, t, name, *_ in dyn_relocs(so) if t == 7]

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 from elftools.elf.elffile import ELFFile
 
-from ksplice_py.errors import BadPatchFile, HotpatchError, UnsupportedPatch
+from ksplice_py import BadPatchFile, HotpatchError, UnsupportedPatch
+from ksplice_py.trust import load_patch
 from ksplice_py.patchfile import (HOTPATCH_CFLAGS, Import, PatchFile, cflags, include_dir,
                                   RECORD)
 
@@ -71,7 +72,7 @@ def nm(path: Path) -> dict[str, int]:
 @pytest.fixture(scope="module")
 def full(tmp_path_factory) -> tuple[Path, PatchFile]:
     so = build(tmp_path_factory.mktemp("full"), FULL_PATCH)
-    return so, PatchFile.load(str(so))
+    return so, load_patch(str(so))
 
 
 def test_cflags_point_at_header():
@@ -175,7 +176,7 @@ def expect(exc, path_or_data, *words):
         if isinstance(path_or_data, bytes):
             PatchFile.from_bytes(path_or_data, "fix.so")
         else:
-            PatchFile.load(str(path_or_data))
+            load_patch(str(path_or_data))
     msg = str(info.value)
     assert "\n" not in msg
     for w in words:
@@ -205,7 +206,7 @@ def test_tolerates_crt_boilerplate_without_nostartfiles(tmp_path):
     with open(so, "rb") as f:  # the test must really have the crt entries
         tags = {t.entry.d_tag for t in ELFFile(f).get_section_by_name(".dynamic").iter_tags()}
     assert {"DT_INIT", "DT_INIT_ARRAY", "DT_FINI_ARRAY"} <= tags
-    p = PatchFile.load(str(so))
+    p = load_patch(str(so))
     assert [r.target for r in p.replacements] == ["f"]
     assert any(i.name == "__cxa_finalize" and i.weak for i in p.imports)
 
@@ -238,7 +239,7 @@ def test_refuses_executable(tmp_path):
     c.write_text("int main(void){ return 0; }\n")
     exe = tmp_path / "prog"
     subprocess.run(["gcc", "-no-pie", "-o", str(exe), str(c)], check=True)
-    expect(BadPatchFile, exe, "not a shared object")
+    expect(BadPatchFile, exe, "not a hotpatch patch (a program")  # issue #15: named first
 
 
 def test_refuses_duplicates_and_bad_build_id(tmp_path):
@@ -344,7 +345,7 @@ def test_record_layout_matches_header():
 def test_header_is_pedantic_clean(tmp_path):
     flags = ["-Wall", "-Wextra", "-pedantic", "-std=c11", "-Werror", *shlex.split(cflags())]
     so = build(tmp_path, FULL_PATCH, flags=flags)
-    assert len(PatchFile.load(str(so)).replacements) == 3
+    assert len(load_patch(str(so)).replacements) == 3
 
 
 def test_packed_relative_relocs_give_same_manifest(tmp_path, full):
@@ -353,7 +354,7 @@ def test_packed_relative_relocs_give_same_manifest(tmp_path, full):
     so = build(tmp_path, FULL_PATCH, flags=[*shlex.split(cflags()), "-Wl,-z,pack-relative-relocs"])
     with open(so, "rb") as f:
         assert ELFFile(f).get_section_by_name(".relr.dyn") is not None
-    p = PatchFile.load(str(so))
+    p = load_patch(str(so))
     strip = lambda rs: sorted((r.target, r.kind) for r in rs)  # noqa: E731
     assert strip(p.replacements) == strip(plain.replacements)
     assert [s.target for s in p.symbol_refs] == ["main:counter"]

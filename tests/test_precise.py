@@ -13,8 +13,10 @@ import pytest
 import ksplice_py
 from ksplice_py import quiescence
 from ksplice_py.cycle import PatchCycle
-from ksplice_py.patchfile import PatchFile, cflags
-from ksplice_py.transition import APPLY, Transition
+from ksplice_py.patchfile import cflags
+from ksplice_py.lifecycle import Direction
+from ksplice_py.transition import Transition
+from ksplice_py.trust import load_patch
 
 from conftest import assert_error, run_hotpatch
 
@@ -111,19 +113,17 @@ def run_target(tmp_path):
 
 def test_stale_return_address_blocks_conservative_and_precise_dismisses(tmp_path, run_target):
     target = run_target("stale", STALE)
-    patch = PatchFile.load(str(_build(tmp_path, "fix", PATCH, shared=True)))
+    patch = load_patch(str(_build(tmp_path, "fix", PATCH, shared=True)))
     with ksplice_py.attach(target.pid) as proc:
-        cycle = PatchCycle(proc, patch)
+        cycle = PatchCycle(proc.target, patch)
         try:
-            cycle.prepare()
-            cycle.apply()
-            cycle.finalize()
-            t = Transition(proc, cycle.edition, APPLY)
+            cycle.stage()
+            t = Transition(proc.target, cycle.edition, Direction.PATCH)
             conservative = t.try_complete(write=False)
             assert not conservative.done, "the stale slot should fool the conservative scan"
             (b,) = conservative.blockers
             assert b.comm == "stale-worker" and "return address into main:compute" in b.reason
-            t.prepare_precise()
+            t.load_unwinder()
             precise = t.try_complete(write=False)
             assert precise.done, f"precise unwinding should dismiss it: {precise.blockers}"
         finally:

@@ -11,7 +11,7 @@ import pytest
 from elftools.elf.elffile import ELFFile
 
 from ksplice_py import symbols
-from ksplice_py.errors import (
+from ksplice_py import (
     AmbiguousSymbol,
     BadInput,
     SymbolNotFound,

@@ -16,7 +16,7 @@ import pytest
 from elftools.elf.elffile import ELFFile
 
 from ksplice_py import x86writer as w
-from ksplice_py.errors import PatchMismatch, TrampolineError
+from ksplice_py import PatchMismatch, TrampolineError
 from ksplice_py.trampoline import (FunctionCode, call_original_size_bound, check_window,
                                    plan_call_original, plan_redirect)
 from ksplice_py.x86relocator import relocate

@@ -142,14 +142,8 @@ static int on_status(struct kp_thread *t, int *n, int cap, struct kp_thread *th,
     return 1;
 }
 
-static int idle_spins = 64;      /* sched_yield rounds before sleeping */
-static long idle_sleep_ns = 20000;
-
-void kp_set_idle(int spins, long sleep_ns)
-{
-    idle_spins = spins;
-    idle_sleep_ns = sleep_ns;
-}
+static const int idle_spins = 64;      /* sched_yield rounds before sleeping */
+static const long idle_sleep_ns = 20000;
 
 int kp_stop_all(struct kp_thread *t, int *n, int cap, long timeout_us)
 {
@@ -225,18 +219,16 @@ static void scan_thread(int pid, struct kp_thread *th,
                         const unsigned long *stack_lo, const unsigned long *stack_hi, int nstacks,
                         unsigned long max_scan)
 {
-    th->unsafe = 0;
+    th->unsafe = KP_SAFE;
     if (in_ranges(th->regs.rip, lo, hi, nranges)) {
-        th->unsafe = 1;
+        th->unsafe = KP_IN_RIP;
         th->hit_value = th->regs.rip;
-        th->hit_where = th->regs.rip;
         return;
     }
     unsigned long sp = th->regs.rsp & ~7UL;
     long si = range_index(sp, stack_lo, stack_hi, nstacks);
     if (si < 0) {     /* stack not in the mappings we were given: caller re-reads maps */
-        th->unsafe = 3;
-        th->hit_where = sp;
+        th->unsafe = KP_STACK_UNKNOWN;
         return;
     }
     unsigned long top = stack_hi[si];
@@ -248,8 +240,7 @@ static void scan_thread(int pid, struct kp_thread *th,
         struct iovec local = {scan_buf, len}, remote = {(void *)at, len};
         ssize_t got = process_vm_readv(pid, &local, 1, &remote, 1, 0);
         if (got <= 0) {
-            th->unsafe = 3;
-            th->hit_where = at;
+            th->unsafe = KP_STACK_UNKNOWN;
             return;
         }
         size_t words = (size_t)got / sizeof(unsigned long);
@@ -258,9 +249,8 @@ static void scan_thread(int pid, struct kp_thread *th,
             if (v < minv || v >= maxv)    /* the common case: one compare pair */
                 continue;
             if (in_ranges(v, lo, hi, nranges)) {
-                th->unsafe = 2;
+                th->unsafe = KP_ON_STACK;
                 th->hit_value = v;
-                th->hit_where = at + w * sizeof(unsigned long);
                 return;
             }
         }
@@ -278,11 +268,11 @@ int kp_scan(int pid, struct kp_thread *t, int n,
         if (t[i].state != KP_STOPPED)
             continue;
         if (nranges == 0) {
-            t[i].unsafe = 0;
+            t[i].unsafe = KP_SAFE;
             continue;
         }
         scan_thread(pid, &t[i], lo, hi, nranges, stack_lo, stack_hi, nstacks, max_scan_bytes);
-        unsafe += t[i].unsafe != 0;
+        unsafe += t[i].unsafe != KP_SAFE;
     }
     return unsafe;
 }

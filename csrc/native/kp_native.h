@@ -11,6 +11,14 @@
 
 #define KP_MAX_SIGS 8
 
+/* Quiescence verdicts of kp_scan, per thread (ksplice_py/quiescence.py reads
+ * them from here: this header is their one definition). */
+#define KP_SAFE          0   /* neither rip nor a stack word in a busy range */
+#define KP_IN_RIP        1   /* rip in a busy range */
+#define KP_ON_STACK      2   /* a stack word (return address?) in a busy range */
+#define KP_STACK_UNKNOWN 3   /* stack not in the given mappings, or unreadable */
+#define KP_NOT_STOPPED   4   /* not set here: a thread kp_stop_all could not stop */
+
 struct kp_regs {   /* == struct user_regs_struct on x86-64 */
     unsigned long r15, r14, r13, r12, rbp, rbx, r11, r10, r9, r8;
     unsigned long rax, rcx, rdx, rsi, rdi, orig_rax, rip, cs, eflags, rsp, ss;
@@ -26,9 +34,8 @@ struct kp_thread {
     int sigs[8];
     struct kp_regs regs;
     /* quiescence scan result */
-    int unsafe;                  /* 0 safe, 1 rip in a range, 2 stack word in a range, 3 stack unreadable */
+    int unsafe;                  /* a KP_SAFE .. KP_STACK_UNKNOWN verdict */
     unsigned long hit_value;     /* the offending address */
-    unsigned long hit_where;     /* rip, or the stack slot holding it */
 };
 
 #define KP_FOLLOW_CLONES 1   /* PTRACE_O_TRACECLONE: the stop-the-world tracer */
@@ -42,10 +49,6 @@ int kp_seize(int tid, int options);
  * cap) and waited for too. Registers of stopped threads are read. Returns the
  * number of threads that did not stop in time (0 = world stopped). */
 int kp_stop_all(struct kp_thread *t, int *n, int cap, long timeout_us);
-
-/* How kp_stop_all waits when no thread made progress: sched_yield rounds,
- * then sleeps of sleep_ns. */
-void kp_set_idle(int spins, long sleep_ns);
 
 /* Conservative quiescence scan of stopped threads: a thread is unsafe when its
  * rip or any aligned word from rsp to its stack's top lies in one of the

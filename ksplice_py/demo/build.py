@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import HotpatchError
-from ..native import cache_dir
+from ..resources import cache_dir
 from ..patchfile import cflags
 from .. import resources
 
