@@ -315,7 +315,7 @@ class Runout:
         (then ``recover`` removes it once no thread is inside)."""
         if not self.base or self.lost:
             return
-        for retry in range(3):
+        for retry in range(6):
             try:
                 with Injector(self.pid, self.mem) as inj:
                     inj("munmap", self.base, self.size)

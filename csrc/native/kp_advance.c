@@ -242,8 +242,8 @@ int kp_advance_all(int pid, struct kp_thread *t, const int *idx, int k,
     double deadline = now_us() + (double)budget_us;
     /* After the budget: interrupt the stragglers; they stop at once (user
      * code) or at their next syscall entry. The second deadline only guards
-     * against a kernel that does not deliver the stop. */
-    double hard = deadline + 200000.0;
+     * against a thread that gets no CPU for seconds (a starved machine). */
+    double hard = deadline + 2000000.0;
     while (running) {
         int progress = 0;
         for (int j = 0; j < k; j++) {
