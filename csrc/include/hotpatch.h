@@ -20,6 +20,12 @@
  *        address of the target symbol (static symbols of the target too).
  *   HOTPATCH_BUILD_ID("libdemo.so", "3f2a...");
  *        refuse to apply unless the object's GNU build-id is exactly this.
+ *   HOTPATCH_CONSISTENCY("new-calls");
+ *        weaker than the default ("strict"): only the bytes being
+ *        overwritten must be free of threads; threads already inside a
+ *        replaced function finish its old body. For functions that are never
+ *        left (event loops, blocking syscall wrappers). Read
+ *        docs/hot-functions.md for the risk before using it.
  *
  * Targets are "symbol" or "object:symbol"; object is the basename of the
  * mapped file (libc.so.6, libdemo.so) or "main" for the executable.
@@ -46,6 +52,7 @@
 #define HOTPATCH_KIND_BIND32 5   /* a = 4-byte field holding an addend: the
                                     loader stores target + addend - a there
                                     (written by `hotpatch build`)            */
+#define HOTPATCH_KIND_CONSISTENCY 6 /* target = "strict" | "new-calls"     */
 
 /* A pointer field: a union so that functions need no (non-ISO)
  * function-to-object pointer conversion; 8 bytes either way. */
@@ -116,7 +123,10 @@ _Static_assert(sizeof(struct hotpatch_record) == 32, "hotpatch_record layout");
     _Static_assert(sizeof(hex) > 1, "HOTPATCH_BUILD_ID: empty build-id");     \
     HOTPATCH__RECORD(id, HOTPATCH_KIND_BUILD_ID, "" object "", {.obj = "" hex ""}, {0})
 
-/* Public macros: `target`, `object` and `hex` must be string literals. */
+#define HOTPATCH__CONSISTENCY(id, mode) \
+    HOTPATCH__RECORD(id, HOTPATCH_KIND_CONSISTENCY, "" mode "", {0}, {0})
+
+/* Public macros: `target`, `object`, `hex` and `mode` must be string literals. */
 #define HOTPATCH_REPLACE(target, newfunc) \
     HOTPATCH__REPLACE(HOTPATCH__ID(hotpatch__rec_), target, newfunc)
 #define HOTPATCH_WRAP(target, wrapper, orig_ptr_var) \
@@ -125,5 +135,7 @@ _Static_assert(sizeof(struct hotpatch_record) == 32, "hotpatch_record layout");
     HOTPATCH__SYMBOL(HOTPATCH__ID(hotpatch__rec_), target, ptr_var)
 #define HOTPATCH_BUILD_ID(object, hex) \
     HOTPATCH__BUILD_ID(HOTPATCH__ID(hotpatch__rec_), object, hex)
+#define HOTPATCH_CONSISTENCY(mode) \
+    HOTPATCH__CONSISTENCY(HOTPATCH__ID(hotpatch__rec_), mode)
 
 #endif /* HOTPATCH_H */
