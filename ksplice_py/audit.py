@@ -82,6 +82,7 @@ class AuditRecord:
     error: str | None = None
     pause_us: float | None = None
     fleet: dict | None = None  # --all, install, uninstall: the run's counts (the summary record)
+    consistency: str | None = None  # what the switch required (consistency.py)
     already_applied: bool | None = None  # apply found the same content applied: nothing done
     user: dict = field(default_factory=invoking_user)
     time: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
@@ -95,6 +96,7 @@ class AuditRecord:
     def patch_file(self, patch: PatchFile) -> None:
         self.patch, self.sha256 = os.path.abspath(patch.name), patch.sha256
         self.functions = [r.target for r in patch.replacements]
+        self.consistency = patch.consistency.value
 
     def edition_done(self, e: Edition) -> None:
         """What the command did to edition ``e``. Every action names the
@@ -110,6 +112,7 @@ class AuditRecord:
             pause = None  # nothing was stopped this time
         self.pause_us = round(pause, 1) if pause else None
         self.already_applied = e.already_applied or None
+        self.consistency = e.consistency
 
     def finish(self, exit_code: int, error: str | None = None) -> None:
         self.exit_code = exit_code

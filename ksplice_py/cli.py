@@ -22,6 +22,7 @@ import sys
 from typing import Callable
 
 from . import __version__, audit, cli_fleet, cli_store, errors, harness, interrupts, trust
+from .consistency import Consistency
 from .cycle import HarnessChoice
 from .patchfile import PatchFile, cflags
 from .process import Process, attach
@@ -269,7 +270,7 @@ def do_list(a) -> tuple[list, str]:
     for e in eds:
         pause = f"{e.pause_us:.0f}µs" if e.pause_us else "-"
         rows.append(f"{e.id:>4}  {_state(e):<{width}} {pause:>8}  {os.path.basename(e.patch):<24} "
-                    + ", ".join(f.symbol for f in e.functions))
+                    + ", ".join(f.symbol for f in e.functions) + _consistency_note(e.consistency))
     if any(e.orphaned for e in eds):
         rows.append(f"orphaned: left half-way by a hotpatch that was killed; "
                     f"hotpatch recover {a.pid} finishes or removes it")
@@ -281,6 +282,12 @@ def _state(e) -> str:
     if e.orphaned:
         return f"{e.state} (orphaned)"
     return "prepared (staged)" if e.state == "prepared" and e.staged else e.state
+
+
+def _consistency_note(value: str) -> str:
+    """`list`: name the weaker mode plainly where it was used (issue #16)."""
+    c = Consistency(value) if value in {m.value for m in Consistency} else None
+    return f"  [consistency: {c.describe}]" if c is Consistency.NEW_CALLS else ""
 
 
 def _edition_id(text: str | None) -> int | None:
@@ -343,6 +350,7 @@ def do_info(a) -> tuple[dict, str]:
             lines.append(f"  {label:<13} " + "  ".join(
                 (name if item[k] is True else f"{name} {item[k]}") if name else str(item[k])
                 for k, name in fields if item.get(k) not in (None, "", False)))
+    lines.append(f"  {'consistency':<13} {Consistency(d['consistency']).describe}")
     return d, "\n".join(lines)
 
 

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 from . import editions as ed
 from . import clobbers, clones, harness, ifuncs, interrupts, loader, placement, trampoline, x86writer
+from .consistency import Consistency, check_no_reentry
 from .constants import (EEXIST, MAP_FIXED_NOREPLACE, MAP_PRIVATE, MFD_CLOEXEC, PAGE_SIZE, PROT_EXEC, PROT_READ,
                         page_up, syscall_failed)
 from . import operations
@@ -164,7 +165,8 @@ class PatchCycle:
             id=self.edition_id, patch=os.path.abspath(self.patch.name), sha256=self.patch.sha256,
             regions=[(r.start, r.size) for r in self.regions],
             pins={p.object: p.build_id for p in self.patch.pins}, prepared_at=time.time(),
-            staged=self.staged, harnesses=[h.name for h in chosen])
+            staged=self.staged, harnesses=[h.name for h in chosen],
+            consistency=self.patch.consistency.value)
         self._write_record()
 
     def _refuse_wrong_target(self, rep: Replacement, sym: Symbol) -> None:
@@ -388,6 +390,8 @@ class PatchCycle:
         for sw in self.switches:
             sw.code = self._read_function(sw.sym)  # fresh: an edition may have landed
             sw.redirect = trampoline.plan_redirect(sw.code, sw.entry, near_stub=sw.far_stub)
+            if self.patch.consistency is Consistency.NEW_CALLS:
+                check_no_reentry(sw.code.name, sw.code.addr, sw.code.code[:sw.code.size], len(sw.redirect.old))
             if sw.redirect.stub_addr is not None:
                 self.mem.write(sw.redirect.stub_addr, sw.redirect.stub)
         self.edition.functions = [

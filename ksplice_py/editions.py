@@ -82,6 +82,7 @@ class Edition:
     prepared_at: float = 0.0
     staged: bool = False  # from `hotpatch prepare`: keep it prepared until cutover/abort
     harnesses: list[str] = field(default_factory=list)  # applied at cutover and at revert
+    consistency: str = "strict"  # consistency.Consistency: what the cutover required
     applied_at: float | None = None
     pause_us: float | None = None  # the stop that switched
     attempts: int = 0
@@ -93,6 +94,7 @@ class Edition:
     revert_pause_us: float | None = None  # the stop that switched it back
     already_applied: bool = False  # apply found this content applied: nothing was done
     orphaned: bool = False  # left half-way by a tool that was killed (see mark_orphans)
+    advanced: int = 0  # threads moved out of retired code by the switch (runout.py)
 
     @property
     def record_addr(self) -> int:
@@ -139,7 +141,7 @@ class Edition:
 
 # The header holds the first six (updated in place); the rest never reaches the target.
 _NOT_IN_BODY = ("state", "applied_at", "pause_us", "attempts", "longest_pause_us", "stopped_us",
-                "reverted_at", "revert_pause_us", "already_applied", "orphaned")
+                "reverted_at", "revert_pause_us", "already_applied", "orphaned", "advanced")
 def may_be_orphan(e: Edition) -> bool:
     """What a live tool passes through (an unstable state, or ``prepared``
     by an apply rather than staged by `hotpatch prepare`): found while no

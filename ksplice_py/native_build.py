@@ -17,8 +17,8 @@ from pathlib import Path
 
 from cffi import FFI
 
-SOURCES = ("kp_native.c",)
-HEADERS = ("kp_native.h",)  # also the cdef: plain declarations cffi can parse
+SOURCES = ("kp_native.c", "kp_advance.c")
+HEADERS = ("kp_native.h", "kp_advance.h")  # also the cdef: plain declarations cffi can parse
 MODULE = "ksplice_py._kp_native"
 # cffi's setuptools hook runs this file as "ksplice_py/native_build.py":
 # relative, as setuptools wants every source path to be.

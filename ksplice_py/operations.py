@@ -8,6 +8,7 @@ other live tool is working on the target.
 from __future__ import annotations
 
 from . import editions as ed
+from . import runout
 from .errors import BadInput, RemoteError
 from .lifecycle import Direction, State
 from .target import Target
@@ -93,6 +94,8 @@ def recover(target: Target, timeout: float = 5.0) -> list[str]:
             for fd in leaked:
                 inj("close", fd)
         done.append(f"closed {len(leaked)} descriptor(s) an interrupted tool left open")
+    if runout.remove_leftovers(target.pid, target.mem, timeout):
+        done.append("removed the run-out copy of an interrupted hot-function switch")
     for eid in orphans:  # killed before its record was complete
         abort(target, [(m.start, m.end - m.start) for m in regions[eid]])
         done.append(f"removed the memory of edition {eid}, interrupted while preparing")

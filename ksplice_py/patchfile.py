@@ -22,7 +22,8 @@ from elftools.elf.elffile import ELFFile
 from elftools.elf.enums import ENUM_RELOC_TYPE_x64
 from elftools.elf.sections import SymbolTableSection
 
-from . import clones, resources
+from . import clones, consistency, resources
+from .consistency import Consistency
 
 from .constants import PROT_EXEC, PROT_READ, PROT_WRITE, page_down, page_up
 from .errors import BadPatchFile, HotpatchError, UnsupportedPatch
@@ -79,8 +80,8 @@ def cflags() -> str:
 # --- manifest format (keep in sync with csrc/include/hotpatch.h) -------------
 MAGIC = 0x43545048
 VERSION = 1
-KIND_REPLACE, KIND_WRAP, KIND_SYMBOL, KIND_BUILD_ID, KIND_BIND32 = 1, 2, 3, 4, 5
-KIND_CLONE_ABI = 7  # 6: HOTPATCH_KIND_CONSISTENCY (hot functions)
+KIND_REPLACE, KIND_WRAP, KIND_SYMBOL, KIND_BUILD_ID, KIND_BIND32, KIND_CONSISTENCY = 1, 2, 3, 4, 5, 6
+KIND_CLONE_ABI = 7
 RECORD = struct.Struct("<IHHQQQ")  # magic, version, kind, target, a, b
 
 # --- relocation types -------------------------------------------------------
@@ -186,6 +187,7 @@ class PatchFile:
     relocs: list[Reloc] = field(default_factory=list)
     needed: list[str] = field(default_factory=list)  # DT_NEEDED, informative
     binds: list[Bind32] = field(default_factory=list)
+    consistency: Consistency = Consistency.STRICT  # HOTPATCH_CONSISTENCY
 
     @classmethod
     def from_bytes(cls, data: bytes, name: str) -> "PatchFile":
@@ -225,6 +227,7 @@ class PatchFile:
             "binds": [{"target": b.target, "place": b.place, "addend": b.addend} for b in self.binds],
             "imports": [{"name": i.name, "version": i.version, "weak": i.weak} for i in self.imports],
             "needed": list(self.needed),
+            "consistency": self.consistency.value,
         }
 
 
@@ -298,6 +301,7 @@ class _Parser:
         self.relocs = self.read_relocs()
         self.reloc_at = {r.offset: r for r in self.relocs if r.type != R_NONE}
         self.check_initialisers()
+        self.consistency = Consistency.STRICT
         replacements, symbol_refs, pins, binds = self.read_manifest()
         imports = list(dict.fromkeys(
             Import(s.name, s.version, s.bind == "STB_WEAK")
@@ -310,6 +314,7 @@ class _Parser:
             replacements=replacements,
             symbol_refs=symbol_refs,
             pins=pins,
+            consistency=self.consistency,
             segments=self.segments,
             imports=imports,
             span=self.span,
@@ -701,6 +706,8 @@ class _Parser:
                 binds.append(self.make_bind(target, a, what))
             elif kind == KIND_CLONE_ABI:
                 clone_abi.append(self.check_target(target, f"HOTPATCH_CLONE_ABI {what}"))
+            elif kind == KIND_CONSISTENCY:
+                self.consistency = consistency.parse(target, f"HOTPATCH_CONSISTENCY {what}")
             else:
                 raise self.bad(f"{what} has unknown kind {kind}")
         if not (replacements or refs or pins or binds):

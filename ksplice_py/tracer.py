@@ -164,22 +164,43 @@ class World:
     def alive(self) -> int:
         return sum(1 for t in self.threads() if t.state != self.lib.KP_GONE)
 
-    def run(self, window: "Window", between=None) -> bool:
+    def scan(self, ranges: list[tuple[int, int]], maps: list[Mapping], max_scan: int = 8 << 20) -> int:
+        """Conservative scan (C) of the stopped threads; per-thread verdicts
+        land in ``unsafe``. Returns how many are unsafe."""
+        ranges = _merge(ranges)
+        stacks = stack_spans(maps)
+        ffi = self.ffi
+        lo = ffi.new("unsigned long[]", [r[0] for r in ranges] or [0])
+        hi = ffi.new("unsigned long[]", [r[1] for r in ranges] or [0])
+        slo = ffi.new("unsigned long[]", [s[0] for s in stacks] or [0])
+        shi = ffi.new("unsigned long[]", [s[1] for s in stacks] or [0])
+        return self.lib.kp_scan(self.pid, self._arr, self._n[0], lo, hi, len(ranges),
+                                slo, shi, len(stacks), max_scan)
+
+    def run(self, window: "Window", between=None, advance=None) -> bool:
         """The stopped window, in C (kp_window): stop -> scan -> write ->
-        release. ``between(stopped_threads) -> bool`` (a harness's Python
-        check) runs between scan and write, and only then does Python run
-        while the threads are stopped. Returns whether the writes were made;
+        release. Python runs while the threads are stopped only when asked,
+        through the kp_window_open/close split, between scan and write:
+        ``advance(world, unsafe) -> unsafe`` (hot functions, runout.py: moves
+        threads out of retired code, then re-scans) when the scan flagged
+        threads, then ``between(stopped_threads) -> bool`` (a harness's
+        check) when none is flagged. Returns whether the writes were made;
         every thread is released either way, its verdict kept for reading."""
         if self._cap - self._n[0] < 1024:  # room for threads born during the stop
             self._grow(self._n[0] + 1024)
         c = window.c
-        if between is None:
+        if between is None and advance is None:
             done = self.lib.kp_window(self._arr, self._n, self._cap, c)
         else:
-            go = False  # a check that raises writes nothing
+            go = False  # a step that raises writes nothing
             try:
-                if self.lib.kp_window_open(self._arr, self._n, self._cap, c):
-                    go = bool(between([t for t in self.threads() if t.state == self.lib.KP_STOPPED]))
+                ok = self.lib.kp_window_open(self._arr, self._n, self._cap, c)
+                if not ok and advance is not None and not c.late and c.unsafe:
+                    c.unsafe = advance(self, c.unsafe)  # kp_window_close writes only if 0
+                    ok = not c.unsafe
+                if ok:
+                    go = between is None or bool(
+                        between([t for t in self.threads() if t.state == self.lib.KP_STOPPED]))
             finally:
                 done = self.lib.kp_window_close(self._arr, self._n, self._cap, c, int(go))
         self.count, self._n[0] = self._n[0], 0  # released; verdicts stay readable
@@ -371,6 +392,8 @@ class Injector:
         live = list_tids(self.pid)  # zombies (an exited leader) excluded
         tids = ([self.tid] if self.tid in live else []) + [t for t in live if t != self.tid]
         no_room = 0
+        # One still ours (a World's stop it missed) cannot be borrowed: skip those.
+        tids = [t for t in tids if _tracer_of(self.pid, t) != os.getpid()]
         for tid in tids[:4]:  # a thread may be stuck (D state); try a few
             # No PTRACE_O_TRACECLONE: this thread must never stop inside a
             # clone() (see kp_inject_syscall), and its children are not ours.

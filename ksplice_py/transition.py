@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from . import editions as ed
-from . import harness, interrupts, quiescence
+from . import consistency, harness, interrupts, quiescence, runout
+from .consistency import Consistency
 from .errors import HotpatchError, NotQuiescent, PatchMismatch, RemoteError, TargetGone
 from .lifecycle import Direction
 from .maps import read_maps
@@ -37,6 +38,7 @@ class AttemptResult:
     blockers: list[Blocker] = field(default_factory=list)
     verdicts: list[tuple[int, int, int]] = field(default_factory=list)  # (tid, verdict, address)
     late: bool = False  # a thread did not stop, or a harness vetoed
+    in_rip: bool = False  # some thread was executing retired code (hot-function case)
 
 
 def sleep_backoff(attempt: int, remaining: float) -> None:
@@ -58,13 +60,15 @@ class Transition:
         self.attempts = 0
         self.longest_pause_us = 0.0
         self.stopped_us = 0.0
+        self.advanced = 0  # threads moved out of retired code (runout.py)
         others = [e for e in target.editions() if e.id != edition.id]
         self._check_code(others)
         self.harnesses = harness.by_names(edition.harnesses)
         # Harness-critical code counts in both directions: switching resolver
         # code (either way) while a thread is inside the resolver is unsafe.
         self.ranges = quiescence.busy_ranges(
-            self._busy_ranges(others), harness.critical_ranges(self.harnesses, target.symbols))
+            self._busy_ranges(others), harness.critical_ranges(self.harnesses, target.symbols)
+            + runout.leftovers(read_maps(self.pid)))
         self.checks = [h for h in self.harnesses if h.check]
         self.writes = self._writes()
         # What is there now, to put back if a write fails half-way (in C).
@@ -77,6 +81,7 @@ class Transition:
         self._copies: list[StackCopy] = []  # flagged stacks of the last attempt
         self._vetoes: list[tuple[int, str]] = []
         self.last_split: dict[str, float] = {}
+        self.runout: runout.Runout | None = None  # when a thread was in retired code
         self._backtraces: dict[int, list[int]] = {}
 
     # -- init: everything computed before any thread stops ------------------------
@@ -101,6 +106,10 @@ class Transition:
                 f"{self.edition.id} expects; abort and prepare again")
 
     def _busy_ranges(self, others: list[ed.Edition]) -> list[CodeRange]:
+        if self.direction is Direction.PATCH and self.edition.consistency == Consistency.NEW_CALLS:
+            # Weaker, by the patch's explicit choice: threads may finish old bodies.
+            return [consistency.overwritten(f.addr, len(bytes.fromhex(f.old_bytes)), f.symbol)
+                    for f in self.functions]
         if self.direction is Direction.PATCH:
             return quiescence.patch_ranges(self.functions, others, self._split_parts)
         return quiescence.unpatch_ranges(self.edition, self.functions)
@@ -131,10 +140,16 @@ class Transition:
     def start(self, timeout: float) -> AttemptResult:
         """Retry with back-off until a safe moment or ``timeout`` seconds."""
         deadline = time.monotonic() + timeout
-        quick_retry = False
         for h in self.harnesses:
             if h.before_cutover:
                 h.before_cutover(self.target, self.edition)
+        try:
+            return self._retry(deadline, timeout)
+        finally:
+            self._close_runout()
+
+    def _retry(self, deadline: float, timeout: float) -> AttemptResult:
+        quick_retry = False
         while True:
             self.attempts += 1
             # SIGINT/SIGTERM wait for the attempt to end: before its write
@@ -153,6 +168,7 @@ class Transition:
                 # one more attempt, with precise unwinding, even when time is up
                 self.load_unwinder()
                 remaining = max(remaining, 0.001)
+            self._open_runout(result)
             if self._worth_retrying_now(result) and not quick_retry and remaining > 0:
                 quick_retry = True  # once in a row: never a busy loop of stops
                 continue
@@ -184,9 +200,30 @@ class Transition:
         result = self.try_complete(write=False)
         if not result.done:
             self.load_unwinder()
+            self._open_runout(result)
             self.attempts += 1
-            result = self.try_complete(write=False)
+            try:
+                result = self.try_complete(write=False)
+            finally:
+                self._close_runout()
         return result
+
+    def _open_runout(self, result: AttemptResult) -> None:
+        """Hot functions (runout.py): once an attempt found a thread executing
+        retired code, map the run-out copy that lets the next attempts move
+        such threads out instead of waiting for them."""
+        if result.in_rip and self.runout is None:
+            self.runout = runout.Runout(self.pid, self.mem, self.ranges)
+            try:
+                self.runout.prepare()
+            except HotpatchError:  # no room near the code, say: wait as before
+                self.runout.plan = None
+
+    def _close_runout(self) -> None:
+        if self.runout is not None:
+            self.advanced += self.runout.advanced
+            self.runout.close()
+            self.runout = None
 
     def try_complete(self, write: bool) -> AttemptResult:
         """One attempt: stop every thread, scan, write if safe, release —
@@ -200,12 +237,14 @@ class Transition:
                                   stop_timeout_s=STOP_TIMEOUT)
         window = self._window
         window.c.write = int(write)
-        window.set_stacks(read_maps(self.pid))
+        maps = read_maps(self.pid)
+        window.set_stacks(maps)
         window.set_known(list(self._known.values()))
         world = World(self.pid).seize()
         self._vetoes = []
         try:
-            done = world.run(window, self._run_checks if self.checks else None)
+            done = world.run(window, self._run_checks if self.checks else None,
+                             self._advance_step(maps) if self.runout is not None else None)
             if done:  # signals are held for the attempt: none falls in between
                 interrupts.commit()  # the change is made: the command must complete
         finally:
@@ -231,7 +270,18 @@ class Transition:
             return AttemptResult(True, pause)
         blockers = self._blockers(verdicts) + [
             Blocker(tid, quiescence.thread_name(self.pid, tid), reason) for tid, reason in self._vetoes]
-        return AttemptResult(False, pause, blockers, verdicts, bool(late or self._vetoes))
+        return AttemptResult(False, pause, blockers, verdicts, bool(late or self._vetoes),
+                             in_rip=any(v == Verdict.IN_RIP for _, v, _ in verdicts))
+
+    def _advance_step(self, maps):
+        """Hot functions (runout.py): the step that moves threads out of
+        retired code, run by World.run between the scan and the write."""
+        lo_hi = [(r.start, r.end) for r in self.ranges]
+        c = self._window.c
+
+        def step(world: World, unsafe: int) -> int:
+            return self.runout.advance(world, unsafe, lambda: world.scan(lo_hi, maps), c.stop_us)
+        return step
 
     def _worth_retrying_now(self, result: AttemptResult) -> bool:
         """Blocked only by threads unwinding has just cleared (or whose stack
@@ -274,9 +324,12 @@ class Transition:
         return not vetoes
 
     def _blockers(self, verdicts) -> list[Blocker]:
-        return [quiescence.blocker(self.pid, tid, v, val, self.ranges, self.target.symbolize,
-                                   self._backtraces.get(tid, ()))
-                for tid, v, val in verdicts]
+        out = [quiescence.blocker(self.pid, tid, v, val, self.ranges, self.target.symbolize,
+                                  self._backtraces.get(tid, ()))
+               for tid, v, val in verdicts]
+        notes = self.runout.notes if self.runout is not None else {}
+        return [replace(b, reason=f"{b.reason}; moving it out failed: it {notes[b.tid]}")
+                if b.tid in notes else b for b in out]
 
     # -- complete ------------------------------------------------------------------
     def complete(self, result: AttemptResult) -> None:
@@ -284,6 +337,7 @@ class Transition:
         timings (a cutover's record keeps them; a revert's are reported, its
         record goes with cleanup)."""
         e = self.edition
+        e.advanced = self.advanced + (self.runout.advanced if self.runout else 0)
         e.move(self.direction.during)
         e.move(self.direction.outcome)
         if self.direction is Direction.PATCH:

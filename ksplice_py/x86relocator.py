@@ -55,6 +55,11 @@ def direct_target(insn: capstone.CsInsn) -> int | None:
     return ops[0].imm & _U64
 
 
+def condition_code(insn: capstone.CsInsn) -> int | None:
+    """The 4-bit condition code of a jcc, None for anything else."""
+    return _JCC_CC.get(insn.id)
+
+
 def jump_destination(code: bytes, addr: int) -> int | None:
     """Where the direct ``jmp`` at ``addr`` goes, if ``code`` starts with one
     (a trampoline, ours or another tool's)."""
@@ -129,8 +134,10 @@ def _relocate_rip(insn: capstone.CsInsn, op, at: int) -> bytes:
         raise _refuse(insn, f"its RIP-relative operand (to {target:#x}) is out of "
                             f"±2 GiB reach from {at:#x}")
     raw = bytearray(insn.bytes)
-    off, size = insn.disp_offset, insn.disp_size
-    if size != 4 or off == 0:
+    off = insn.disp_offset
+    # RIP-relative operands always carry a disp32; capstone under-reports
+    # disp_size for some SSE forms (movdqa: 2), so check the bytes instead.
+    if off == 0 or off + 4 > len(raw) or struct.unpack_from("<i", raw, off)[0] != op.mem.disp:
         raise _refuse(insn, "capstone reports no disp32 field for its RIP-relative operand")
     raw[off:off + 4] = struct.pack("<i", new_disp)
     return bytes(raw)

@@ -70,7 +70,8 @@ class Ours:
         if cp.returncode != 0:
             return OpResult(self.name, op, False, wall, rc=cp.returncode,
                             error=_last_line(cp.stderr) or data.get("error"))
-        return OpResult(self.name, op, True, wall, pause_us=data.get("pause_us"),
+        pause = data.get("revert_pause_us") if op == "revert" else data.get("pause_us")
+        return OpResult(self.name, op, True, wall, pause_us=pause,
                         attempts=data.get("attempts"), rc=0,
                         extra={"functions": len(data.get("functions", []))})
 

@@ -25,6 +25,12 @@
  *        clone's own ABI, not f's source signature (gcc drops, folds or
  *        splits arguments in .constprop/.isra/.part clones); without it a
  *        clone is refused.  See docs/compiler-abi.md.
+ *   HOTPATCH_CONSISTENCY("new-calls");
+ *        weaker than the default ("strict"): only the bytes being
+ *        overwritten must be free of threads; threads already inside a
+ *        replaced function finish its old body. For functions that are never
+ *        left (event loops, blocking syscall wrappers). Read
+ *        docs/hot-functions.md for the risk before using it.
  *
  * Targets are "symbol" or "object:symbol"; object is the basename of the
  * mapped file (libc.so.6, libdemo.so), its SONAME (libfoo.so.0 for
@@ -52,6 +58,7 @@
 #define HOTPATCH_KIND_BIND32 5   /* a = 4-byte field holding an addend: the
                                     loader stores target + addend - a there
                                     (written by `hotpatch build`)            */
+#define HOTPATCH_KIND_CONSISTENCY 6 /* target = "strict" | "new-calls"     */
 #define HOTPATCH_KIND_CLONE_ABI 7 /* target = a replaced/wrapped gcc clone */
 
 /* A pointer field: a union so that functions need no (non-ISO)
@@ -126,7 +133,10 @@ _Static_assert(sizeof(struct hotpatch_record) == 32, "hotpatch_record layout");
 #define HOTPATCH__CLONE_ABI(id, target) \
     HOTPATCH__RECORD(id, HOTPATCH_KIND_CLONE_ABI, "" target "", {0}, {0})
 
-/* Public macros: `target`, `object` and `hex` must be string literals. */
+#define HOTPATCH__CONSISTENCY(id, mode) \
+    HOTPATCH__RECORD(id, HOTPATCH_KIND_CONSISTENCY, "" mode "", {0}, {0})
+
+/* Public macros: `target`, `object`, `hex` and `mode` must be string literals. */
 #define HOTPATCH_REPLACE(target, newfunc) \
     HOTPATCH__REPLACE(HOTPATCH__ID(hotpatch__rec_), target, newfunc)
 #define HOTPATCH_WRAP(target, wrapper, orig_ptr_var) \
@@ -137,5 +147,7 @@ _Static_assert(sizeof(struct hotpatch_record) == 32, "hotpatch_record layout");
     HOTPATCH__BUILD_ID(HOTPATCH__ID(hotpatch__rec_), object, hex)
 #define HOTPATCH_CLONE_ABI(target) \
     HOTPATCH__CLONE_ABI(HOTPATCH__ID(hotpatch__rec_), target)
+#define HOTPATCH_CONSISTENCY(mode) \
+    HOTPATCH__CONSISTENCY(HOTPATCH__ID(hotpatch__rec_), mode)
 
 #endif /* HOTPATCH_H */
