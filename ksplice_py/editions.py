@@ -95,6 +95,11 @@ class Edition:
     orphaned: bool = False  # left half-way by a tool that was killed (see mark_orphans)
 
     @property
+    def last_pause_us(self) -> float | None:
+        """The stop of the latest switch: the revert's once reverted."""
+        return self.revert_pause_us if self.state == State.REVERTED else self.pause_us
+
+    @property
     def record_addr(self) -> int:
         return self.regions[0][0]
 
