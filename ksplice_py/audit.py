@@ -31,7 +31,6 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
 from .errors import BadInput
-from .lifecycle import State
 
 if TYPE_CHECKING:
     from .editions import Edition
@@ -107,7 +106,7 @@ class AuditRecord:
             self.patch = e.patch
         self.sha256 = e.sha256 or self.sha256
         self.functions = [f.symbol for f in e.functions] or self.functions
-        pause = e.revert_pause_us if e.state == State.REVERTED else e.pause_us
+        pause = e.last_pause_us
         if e.already_applied:
             pause = None  # nothing was stopped this time
         self.pause_us = round(pause, 1) if pause else None

@@ -309,8 +309,7 @@ def _edition_command(a, act, done: str, with_timeout: bool = True) -> tuple[dict
     with _attach(a) as proc:
         e = act(proc, eid, timeout)
     a.audit.edition_done(e)
-    stop = e.revert_pause_us if e.state == "reverted" else e.pause_us
-    pause = f"; pause {stop:.0f} µs" if with_timeout else ""
+    pause = f"; pause {e.last_pause_us:.0f} µs" if with_timeout else ""
     return e.to_dict() | {"pid": int(a.pid)}, f"edition {e.id} {done.format(pid=a.pid, what=_summary(e))}{pause}"
 
 

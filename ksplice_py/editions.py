@@ -97,6 +97,11 @@ class Edition:
     advanced: int = 0  # threads moved out of retired code by the switch (runout.py)
 
     @property
+    def last_pause_us(self) -> float | None:
+        """The stop of the latest switch: the revert's once reverted."""
+        return self.revert_pause_us if self.state == State.REVERTED else self.pause_us
+
+    @property
     def record_addr(self) -> int:
         return self.regions[0][0]
 

@@ -143,7 +143,7 @@ class Job:
                           reason=f"only prepared as edition {prepared[0].id}; abort it instead"
                           ) if prepared else None
         done = [proc.revert(e.id, timeout=self.budget) for e in applied]  # newest first
-        return result(Outcome.APPLIED, edition=done[0].id, pause_us=max(e.pause_us or 0 for e in done))
+        return result(Outcome.APPLIED, edition=done[0].id, pause_us=max(e.last_pause_us or 0 for e in done))
 
 
 ACTIONS = {Action.APPLY: Job.apply, Action.CHECK: Job.check, Action.PREPARE: Job.prepare,
