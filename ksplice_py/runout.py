@@ -69,9 +69,10 @@ def budget_us(threads: int, stop_us: float) -> int:
     return int(max(BUDGET_US, 2 * stop_us) + BUDGET_PER_THREAD_US * threads)
 
 
-class Stub(Enum):
-    EXIT = 1     # leaves the retired code
+class Stub(Enum):  # KP_STUB_* in kp_advance.h
+    EXIT = 1     # leaves the retired code (or returns into copied retired code: goes on there)
     BARRIER = 2  # we cannot follow it: give up, put the thread back
+    CALL = 3     # a direct call into copied retired code: followed (a thunk's call)
 
 
 GIVE_UP = {  # KP_ADV_* -> why a thread was not advanced ("moving it out failed: it ...")
@@ -88,7 +89,8 @@ class StubSpec:
     kind: Stub
     dest: int = 0   # EXIT: where it leaves to, 0 = the return address
     pop: int = 0    # `ret imm16`
-    resume: int = 0  # BARRIER: where a thread goes on by itself (tool died)
+    resume: int = 0  # BARRIER, CALL: where a thread goes on by itself (tool died)
+    ret: int = 0    # CALL: the original return address it pushes
 
 
 @dataclass
@@ -159,8 +161,10 @@ class Builder:
             return "stub", StubSpec(i.addr, Stub.EXIT, pop=pop)
         if target is not None:
             uncond = cs.id == x86.X86_INS_JMP
+            if rel.is_call(cs) and target in self.index and 0x66 not in cs.prefix:
+                return "stub", StubSpec(i.addr, Stub.CALL, dest=target, resume=i.addr, ret=i.addr + i.size)
             if rel.is_call(cs) or 0x66 in cs.prefix or not (uncond or rel.condition_code(cs) is not None):
-                return "stub", barrier  # calls, loop/jrcxz/xbegin, 16-bit forms
+                return "stub", barrier  # other calls, loop/jrcxz/xbegin, 16-bit forms
             if target in self.index:
                 return "branch", target
             if _inside(target, self.retired):
@@ -233,7 +237,7 @@ class Builder:
 def stub_code(s: StubSpec) -> bytes:
     if s.kind is Stub.EXIT and not s.dest:
         tail = b"\xc3" if not s.pop else b"\xc2" + struct.pack("<H", s.pop)
-    else:
+    else:  # a CALL re-runs the original call: we only follow calls while tracing
         tail = w.jmp_abs(s.dest if s.kind is Stub.EXIT else s.resume)
     body = STUB_PREFIX + STUB_SUFFIX + tail
     return body + bytes([w.INT3]) * (STUB_SIZE - len(body))
@@ -303,11 +307,12 @@ class Runout:
                       ffi.new("unsigned long[]", [s.orig for s in p.stubs] or [0]),
                       ffi.new("unsigned long[]", [s.dest for s in p.stubs] or [0]),
                       ffi.new("int[]", [s.kind.value for s in p.stubs] or [0]),
-                      ffi.new("int[]", [s.pop for s in p.stubs] or [0])]
+                      ffi.new("int[]", [s.pop for s in p.stubs] or [0]),
+                      ffi.new("unsigned long[]", [s.ret for s in p.stubs] or [0])]
         ro = ffi.new("struct kp_runout *")
         ro.n, ro.orig, ro.copy = len(p.orig), self._keep[0], self._keep[1]
         ro.nstubs, ro.stubs = len(p.stubs), p.stubs_at
-        ro.stub_orig, ro.stub_dest, ro.stub_kind, ro.stub_pop = self._keep[2:]
+        ro.stub_orig, ro.stub_dest, ro.stub_kind, ro.stub_pop, ro.stub_ret = self._keep[2:]
         self.ro = ro
 
     def close(self) -> None:

@@ -176,10 +176,10 @@ def preserving_thunk(at: int, dest: int, gprs: list[str], xmms: list[int]) -> by
     arguments: only for functions that take none."""
     xmm_area = _XMM_SLOT * len(xmms) + (0 if len(gprs) % 2 else 8)  # keeps rsp % 16
     code = b"".join(push(r) for r in gprs)
-    code += add_rsp(-xmm_area)
+    code += add_rsp(-xmm_area) if xmm_area else b""
     code += b"".join(movdqu_to_stack(x, _XMM_SLOT * i) for i, x in enumerate(xmms))
     code += call_best(at + len(code), dest)
     code += b"".join(movdqu_from_stack(x, _XMM_SLOT * i) for i, x in enumerate(xmms))
-    code += add_rsp(xmm_area)
+    code += add_rsp(xmm_area) if xmm_area else b""
     code += b"".join(pop(r) for r in reversed(gprs))
     return code + bytes([RET])

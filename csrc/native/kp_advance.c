@@ -17,7 +17,10 @@
 #define PTRACE_EVENT_STOP 128
 #endif
 
-enum phase { DONE, TO_STUB };
+/* TO_STUB: running towards a stub's syscall-entry stop. SKIP_EXIT: resumed
+ * from such a stop with the getpid skipped, to go on in the copy; the
+ * kernel still reports that syscall's exit stop, passed over. */
+enum phase { DONE, TO_STUB, SKIP_EXIT };
 
 /* The stub prefix (runout.py: STUB_PREFIX): lea rsp,[rsp-128] (5); push rax
  * (1); push rcx (1); push r11 (2); mov eax,39 (5); syscall (2). For each
@@ -115,6 +118,31 @@ static int leave_stub(int pid, const struct kp_runout *ro, long i, struct kp_reg
     return 0;
 }
 
+static int write_word(int pid, unsigned long addr, unsigned long v)
+{
+    struct iovec local = {&v, 8}, remote = {(void *)addr, 8};
+    return process_vm_writev(pid, &local, 1, &remote, 1, 0) == 8 ? 0 : -1;
+}
+
+/* After stub i (registers r as on its original instruction, or as after an
+ * exit): the copy address to go on at, or 0 when the thread is out (or, for
+ * a barrier, must be put back). A call stub pushes the original return
+ * address, as the call would have; a return or branch into copied retired
+ * code goes on in the copy. */
+static unsigned long go_on_at(int pid, const struct kp_runout *ro, long i, struct kp_regs *r)
+{
+    int kind = ro->stub_kind[i];
+    if (kind == KP_STUB_CALL) {
+        long j = find(ro->orig, ro->n, ro->stub_dest[i]);
+        if (j < 0 || write_word(pid, r->rsp - 8, ro->stub_ret[i]))
+            return 0;
+        r->rsp -= 8;
+        return ro->copy[j];
+    }
+    long j = kind == KP_STUB_EXIT ? find(ro->orig, ro->n, r->rip) : -1;
+    return j < 0 ? 0 : ro->copy[j];
+}
+
 static int setregs(struct kp_thread *th, const struct kp_regs *r)
 {
     if (ptrace(PTRACE_SETREGS, th->tid, 0, r) != 0)
@@ -130,6 +158,15 @@ static int put_back(int pid, const struct kp_runout *ro, struct kp_thread *th, i
     if (put_back_regs(pid, ro, &r) || setregs(th, &r))
         return KP_ADV_LOST;
     return why;
+}
+
+/* Let a stopped thread run on to its next syscall stop. */
+static int resume(struct kp_thread *th)
+{
+    if (ptrace(PTRACE_SYSCALL, th->tid, 0, 0) != 0)
+        return KP_ADV_LOST;
+    th->state = KP_RUNNING;
+    return -1;
 }
 
 static void note_sig(struct kp_thread *th, int sig)
@@ -162,7 +199,7 @@ static int start(int pid, struct kp_thread *th, const struct kp_runout *ro)
 }
 
 /* One wait status of an advancing thread; returns the verdict, or -1 to keep waiting. */
-static int on_stop(int pid, const struct kp_runout *ro, struct kp_thread *th, int st)
+static int on_stop(int pid, const struct kp_runout *ro, struct kp_thread *th, int st, int *phase)
 {
     if (WIFEXITED(st) || WIFSIGNALED(st)) {
         th->state = KP_GONE;
@@ -174,6 +211,10 @@ static int on_stop(int pid, const struct kp_runout *ro, struct kp_thread *th, in
     if (ptrace(PTRACE_GETREGS, th->tid, 0, &th->regs) != 0)
         return errno == ESRCH ? (th->state = KP_GONE, KP_ADV_GONE) : KP_ADV_LOST;
     int event = (unsigned)st >> 16, sig = WSTOPSIG(st);
+    if (sig == (SIGTRAP | 0x80) && *phase == SKIP_EXIT) {
+        *phase = TO_STUB;                        /* the skipped getpid's exit stop */
+        return resume(th);
+    }
     if (sig == (SIGTRAP | 0x80)) {
         int off = 0;
         long i = stub_index(ro, th->regs.rip, &off);
@@ -182,7 +223,15 @@ static int on_stop(int pid, const struct kp_runout *ro, struct kp_thread *th, in
              * the registers we set, rax included) and finish the exit, or
              * undo the barrier, in the registers. One scheduling round. */
             struct kp_regs r = th->regs;
-            if (leave_stub(pid, ro, i, &r) || setregs(th, &r))
+            if (leave_stub(pid, ro, i, &r))
+                return KP_ADV_LOST;
+            unsigned long at = go_on_at(pid, ro, i, &r);
+            if (at) {
+                r.rip = at;
+                *phase = SKIP_EXIT;
+                return setregs(th, &r) ? put_back(pid, ro, th, KP_ADV_BARRIER) : resume(th);
+            }
+            if (setregs(th, &r))
                 return KP_ADV_LOST;
             return ro->stub_kind[i] == KP_STUB_EXIT ? KP_ADV_OUT : KP_ADV_BARRIER;
         }
@@ -207,10 +256,7 @@ static int on_stop(int pid, const struct kp_runout *ro, struct kp_thread *th, in
     }
     /* Any other event stop (clone/exec/exit come after a syscall entry we
      * already caught): keep going. */
-    if (ptrace(PTRACE_SYSCALL, th->tid, 0, 0) != 0)
-        return KP_ADV_LOST;
-    th->state = KP_RUNNING;
-    return -1;
+    return resume(th);
 }
 
 static double now_us(void)
@@ -256,7 +302,7 @@ int kp_advance_all(int pid, struct kp_thread *t, const int *idx, int k,
                 continue;
             progress++;
             int v = w < 0 ? (th->state = KP_GONE, KP_ADV_GONE)
-                          : on_stop(pid, ro, th, st);
+                          : on_stop(pid, ro, th, st, &phase[j]);
             if (v >= 0) {
                 result[j] = v;
                 phase[j] = DONE;
@@ -266,7 +312,7 @@ int kp_advance_all(int pid, struct kp_thread *t, const int *idx, int k,
         double now = now_us();
         if (now > deadline) {
             for (int j = 0; j < k; j++)
-                if (phase[j] == TO_STUB && !interrupted[j]) {
+                if (phase[j] != DONE && !interrupted[j]) {
                     interrupted[j] = 1;
                     ptrace(PTRACE_INTERRUPT, t[idx[j]].tid, 0, 0);
                 }

@@ -6,10 +6,13 @@
  * built in a scratch mapping (ksplice_py/runout.py). In the copy every way
  * out (ret, a branch leaving the retired code) and every barrier (a call, an
  * indirect jump, anything not copied) goes through a stub that stops the
- * thread with a harmless getpid syscall. We catch it with PTRACE_SYSCALL,
- * whose trace flag the kernel clears when the tracer dies; the stubs also
- * restore every register and carry on by themselves, so a killed tool
- * leaves a thread that simply finishes the old code. */
+ * thread with a harmless getpid syscall, caught with PTRACE_SYSCALL: there
+ * we finish the exit in its registers, and when that lands in retired code
+ * the copy holds (a return into a register-preserving thunk, a call between
+ * retired functions) let it go on in the copy. The kernel clears the
+ * syscall-trace flag when the tracer dies, and the stubs restore every
+ * register and carry on by themselves, so a killed tool leaves a thread
+ * that simply finishes the old code. */
 
 #define KP_ADV_OUT      0   /* left the retired code: registers as after the exit */
 #define KP_ADV_SKIPPED  1   /* not tried: in a syscall, signal or group stop */
@@ -26,6 +29,7 @@
 
 #define KP_STUB_EXIT    1   /* leaves the retired code: to dest, or ret when dest == 0 */
 #define KP_STUB_BARRIER 2   /* would stay inside via code we cannot follow */
+#define KP_STUB_CALL    3   /* a direct call into copied code: push stub_ret, go on there */
 
 struct kp_runout {
     int n;                        /* copied instructions */
@@ -37,6 +41,7 @@ struct kp_runout {
     const unsigned long *stub_dest;  /* exit destination (0: return address at [rsp]) */
     const int *stub_kind;
     const int *stub_pop;          /* extra bytes a `ret imm16` pops */
+    const unsigned long *stub_ret;   /* KP_STUB_CALL: the original return address */
 };
 
 /* Advance the threads t[idx[0..k)] (stopped, rip in retired code) at once,
