@@ -31,7 +31,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from bench.tools import Frida, Gdb, Ours  # noqa: E402
+from bench.tools import Frida, Gdb, Ours, compile_bytecode  # noqa: E402
 
 STATUS_SIZE = 64 + 8 * 1024  # struct status in hot_target.c
 FIELDS = {n: 8 * i for i, n in enumerate(["magic", "ready", "errors", "max_gap_ns", "reset_req",
@@ -165,6 +165,47 @@ def summarize(runs: list[dict], op: str) -> dict:
             "errors": sorted({(d["error"] or "")[:120] for d in done if not d["ok"]})}
 
 
+def run_all(hotpatch: str, peers: list, work: Path, runs: int, ns: list[int], forms: list[str],
+            timeout: float, out: Path | None = None, skipped: dict | None = None, bytecode: str = "?") -> list[dict]:
+    """Every form x N x tool, RUNS fresh targets each; rows as in hot.json.
+    ``peers``: gdb/frida tool objects (bench.tools) found available."""
+    built = build(work, hotpatch)
+    ours = Ours(hotpatch, work / "cache")
+    tools = {"ksplice_py": ours, **{p.name: p for p in peers}}
+    # warm the cache (native helper, symbols) outside the measurement
+    t = HotTarget(built["exe"], 1, work)
+    ours.apply(t.pid, built["patch"], timeout=30)
+    t.kill()
+    results = []
+    for form in forms:
+        for n in ns:
+            for name, ops in tools.items():
+                detail = []
+                for i in range(runs):
+                    detail.append(one_run(name, ops, built, form, n, work, timeout))
+                    log(f"{form} N={n} {name} run {i + 1}: {json.dumps(detail[-1])[:300]}")
+                row = {"form": form, "n": n, "tool": name, "apply": summarize(detail, "apply"),
+                       "runs_detail": detail}
+                if name == "ksplice_py":
+                    row["revert"] = summarize(detail, "revert")
+                    row["floor_us"] = med([r.get("floor_us") for r in detail])
+                results.append(row)
+                if out is not None:  # after each row: a long run may be cut short
+                    write(out, meta(skipped or {}, bytecode), results)
+    return results
+
+
+def available_peers() -> tuple[list, dict]:
+    peers, skipped = [], {}
+    for peer in (Gdb(), Frida()):
+        why = peer.available()
+        if why:
+            skipped[peer.name] = why
+        else:
+            peers.append(peer)
+    return peers, skipped
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=10)
@@ -176,43 +217,20 @@ def main() -> int:
     hotpatch = str(Path(sys.executable).parent / "hotpatch") if (Path(sys.executable).parent / "hotpatch").exists() \
         else shutil.which("hotpatch")
     work = Path(tempfile.mkdtemp(prefix="ksplice-hot-"))
-    built = build(work, hotpatch)
-    ours = Ours(hotpatch, work / "cache")
-    tools = {"ksplice_py": ours}
-    skipped = {}
-    for peer in (Gdb(), Frida()):
-        why = peer.available()
-        if why:
-            skipped[peer.name] = why
-        else:
-            tools[peer.name] = peer
-    # warm the cache (native helper, symbols) outside the measurement
-    t = HotTarget(built["exe"], 1, work)
-    ours.apply(t.pid, built["patch"], timeout=30)
-    t.kill()
-    results = []
-    for form in args.forms.split(","):
-        for n in [int(x) for x in args.ns.split(",")]:
-            for name, ops in tools.items():
-                runs = []
-                for i in range(args.runs):
-                    runs.append(one_run(name, ops, built, form, n, work, args.timeout))
-                    log(f"{form} N={n} {name} run {i + 1}: {json.dumps(runs[-1])[:300]}")
-                row = {"form": form, "n": n, "tool": name, "apply": summarize(runs, "apply"),
-                       "runs_detail": runs}
-                if name == "ksplice_py":
-                    row["revert"] = summarize(runs, "revert")
-                    row["floor_us"] = med([r.get("floor_us") for r in runs])
-                results.append(row)
-                write(args.out, meta(skipped), results)  # after each row: a long run may be cut short
-    print(markdown(meta(skipped), results))
-    shutil.rmtree(work, ignore_errors=True)
+    bytecode = compile_bytecode(hotpatch)
+    peers, skipped = available_peers()
+    try:
+        results = run_all(hotpatch, peers, work, args.runs, [int(x) for x in args.ns.split(",")],
+                          args.forms.split(","), args.timeout, args.out, skipped, bytecode)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(markdown(meta(skipped, bytecode), results))
     return 0
 
 
-def meta(skipped: dict) -> dict:
+def meta(skipped: dict, bytecode: str) -> dict:
     return {"command": " ".join(["python", "benchmarks/hot.py", *sys.argv[1:]]),
-            "loadavg_end": os.getloadavg(), "cpus": os.cpu_count(), "skipped_peers": skipped,
+            "loadavg_end": os.getloadavg(), "cpus": os.cpu_count(), "skipped_peers": skipped, "bytecode": bytecode,
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
@@ -223,25 +241,37 @@ def write(out: Path, m: dict, results: list[dict]) -> None:
 
 
 def markdown(meta: dict, results: list[dict]) -> str:
+    lines = [f"Hot-function workload — `{meta['command']}` ({meta['time']}, {meta['cpus']} CPUs, "
+             f"load average at the end {' '.join(f'{x:.0f}' for x in meta['loadavg_end'])}; "
+             f"ksplice_py bytecode: {meta.get('bytecode', '?')})", "", table(results)]
+    if meta["skipped_peers"]:
+        lines += ["", "Not measured: " + "; ".join(f"{k}: {v}" for k, v in meta["skipped_peers"].items())]
+    return "\n".join(lines) + "\n"
+
+
+def table(results: list[dict]) -> str:
+    """One row per form, N, tool and operation; ours' pause also as a
+    multiple of the floor, every wall time also against ours."""
     def f(v, unit="", scale=1.0, digits=0):
         return "-" if v is None else f"{v * scale:.{digits}f}{unit}"
-    lines = [f"Hot-function workload — `{meta['command']}` ({meta['time']}, {meta['cpus']} CPUs, "
-             f"load average at the end {' '.join(f'{x:.0f}' for x in meta['loadavg_end'])})", "",
-             "| form | N | tool | op | applied | wall (median) | pause (median) | floor | stall (median) | harmed |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+
+    def x(a, b):
+        return "-" if a is None or not b else f"{a / b:.2f}×"
+    ours = {(r["form"], r["n"]): r for r in results if r["tool"] == "ksplice_py"}
+    lines = ["| form | N | tool | op | applied | wall (median) | × ours | pause (median) | floor | "
+             "pause ÷ floor | stall (median) | harmed |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
+        mine = ours.get((r["form"], r["n"]), {}).get("apply", {})
         for op in ("apply", "revert"):
             s = r.get(op)
             if not s:
                 continue
             lines.append(f"| {r['form']} | {r['n']} | {r['tool']} | {op} | {s['ok']}/{s['runs']} | "
-                         f"{f(s['wall_s'], ' s', 1, 2)} | {f(s['pause_us'], ' ms', 1e-3, 1)} | "
-                         f"{f(r.get('floor_us'), ' ms', 1e-3, 1)} | {f(s['stall_us'], ' ms', 1e-3, 1)} | "
+                         f"{f(s['wall_s'], ' s', 1, 2)} | {x(s['wall_s'], mine.get('wall_s'))} | "
+                         f"{f(s['pause_us'], ' ms', 1e-3, 1)} | {f(r.get('floor_us'), ' ms', 1e-3, 1)} | "
+                         f"{x(s['pause_us'], r.get('floor_us'))} | {f(s['stall_us'], ' ms', 1e-3, 1)} | "
                          f"{s['harmed']} |")
-    if meta["skipped_peers"]:
-        lines += ["", "Not measured: " + "; ".join(f"{k}: {v}" for k, v in meta["skipped_peers"].items())]
-    return "\n".join(lines) + "\n"
-
+    return "\n".join(lines)
 
 if __name__ == "__main__":
     sys.exit(main())

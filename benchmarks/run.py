@@ -28,7 +28,7 @@ sys.path.insert(0, str(HERE))
 
 from bench import build, report, suites  # noqa: E402
 from bench.target import Target  # noqa: E402
-from bench.tools import Frida, Gdb, Ours  # noqa: E402
+from bench.tools import Frida, Gdb, Ours, compile_bytecode  # noqa: E402
 
 
 def _hotpatch() -> str:
@@ -74,17 +74,6 @@ def _loadavg() -> str:
     return " ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
-def _compile_bytecode(hotpatch: str) -> str:
-    """Byte-compile ksplice_py with the tool's own interpreter, as a wheel
-    install does: an editable checkout under PYTHONDONTWRITEBYTECODE=1
-    recompiles every module on every run (0.4 s of a 0.5 s apply)."""
-    python = Path(hotpatch).read_text().splitlines()[0].removeprefix("#!").strip()
-    cp = subprocess.run([python, "-c", "import ksplice_py, compileall, os; "
-                         "print(compileall.compile_dir(os.path.dirname(ksplice_py.__file__), quiet=1))"],
-                        capture_output=True, text=True, timeout=300)
-    return "compiled" if cp.returncode == 0 and cp.stdout.strip() == "True" else f"not compiled: {cp.stderr[-200:]}"
-
-
 def _warm_up(cfg: suites.Config) -> None:
     """Fill the warm cache (native helper, symbols) outside any measurement."""
     with Target(cfg.built.target, "stall", 1, cfg.work, 60) as t:
@@ -99,7 +88,7 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="fewer runs and peer points (a few minutes)")
     ap.add_argument("--out", type=Path, default=HERE / "results")
     ap.add_argument("--reps", type=int, help="runs per point (default 5, 2 with --quick)")
-    ap.add_argument("--only", action="append", choices=["stall", "cache", "cutover", "steady", "survival"],
+    ap.add_argument("--only", action="append", choices=["stall", "cache", "cutover", "steady", "survival", "hot"],
                     help="run only this suite (repeatable; for development)")
     a = ap.parse_args()
     if os.geteuid() != 0 and open("/proc/sys/kernel/yama/ptrace_scope").read().strip() != "0":
@@ -140,17 +129,18 @@ def main() -> int:
         "skipped_peers": cfg.skipped_peers,
         "loadavg_start": _loadavg(),
     }}
-    res["meta"]["bytecode"] = _compile_bytecode(hotpatch)
+    res["meta"]["bytecode"] = compile_bytecode(hotpatch)
     try:
         suites.log("warming the cache")
         _warm_up(cfg)
-        for name in ("stall", "cache", "cutover", "steady", "survival"):
+        for name in ("stall", "cache", "cutover", "steady", "survival", "hot"):
             if a.only and name not in a.only:
                 continue
             res[name] = getattr(suites, name)(cfg)
     finally:
         Target.kill_all()
-    for name, empty in (("stall", []), ("cache", {}), ("cutover", []), ("steady", []), ("survival", [])):
+    for name, empty in (("stall", []), ("cache", {}), ("cutover", []), ("steady", []), ("survival", []),
+                        ("hot", [])):
         res.setdefault(name, empty)
     res["meta"]["duration_s"] = time.monotonic() - t_start
     res["meta"]["loadavg_end"] = _loadavg()

@@ -34,7 +34,7 @@ import time
 from dataclasses import dataclass
 
 from . import editions as ed
-from . import clobbers, clones, harness, ifuncs, interrupts, loader, placement, trampoline, x86writer
+from . import clobbers, clones, harness, ifuncs, interrupts, loader, placement, quiescence, runout, trampoline, x86writer
 from .consistency import Consistency, check_no_reentry
 from .constants import (EEXIST, MAP_FIXED_NOREPLACE, MAP_PRIVATE, MFD_CLOEXEC, PAGE_SIZE, PROT_EXEC, PROT_READ,
                         page_up, syscall_failed)
@@ -93,6 +93,11 @@ class Region:
     anchors: list[int]  # addresses it must be reachable from
     start: int = 0
     stub_cursor: int = 0  # next free stub slot (absolute, set once mapped)
+    runout: int = 0  # bytes at the end reserved for run-out copies (runout.py; main region)
+
+    @property
+    def runout_area(self) -> tuple[int, int] | None:
+        return (self.start + self.size - self.runout, self.runout) if self.runout else None
 
     def take_slot(self, size: int = STUB_SLOT) -> int:
         slot = self.stub_cursor
@@ -166,7 +171,7 @@ class PatchCycle:
             regions=[(r.start, r.size) for r in self.regions],
             pins={p.object: p.build_id for p in self.patch.pins}, prepared_at=time.time(),
             staged=self.staged, harnesses=[h.name for h in chosen],
-            consistency=self.patch.consistency.value)
+            consistency=self.patch.consistency.value, runout=self.regions[0].runout_area)
         self._write_record()
 
     def _refuse_wrong_target(self, rep: Replacement, sym: Symbol) -> None:
@@ -273,11 +278,31 @@ class PatchCycle:
                     f"{self.pid} for the patch's code")
             region.start = found[0] if found else PAGE_SIZE << 8
         self._layout()
-        self._build()
+        writes = self._build()
         for sw in self.switches:
             trampoline.plan_redirect(sw.code, sw.entry, near_stub=sw.far_stub)
+        self._reserve_runout(writes)
         for region in self.regions:
             region.start = 0
+
+    def _reserve_runout(self, writes: list[tuple[int, bytes]]) -> None:
+        """Room in the main region for the run-out copy (hot functions,
+        runout.py) of either direction: the original functions, or the
+        new code and stubs (plus the trampolines and far jumps finalize
+        adds). Sized from the dry run's bytes; none if it would be huge."""
+        main = self.regions[0]
+        originals = [(sw.sym.addr, sw.code.code) for sw in self.switches]
+        for sw in self.switches:
+            originals += [(r.start, self.mem.read(r.start, r.end - r.start))
+                          for r in quiescence.split_parts(self.target.symbols, sw.sym.qualified)]
+        executable = [(a, n) for a, n, prot in self.image.protections if prot & PROT_EXEC]
+        stubs = main.start + main.size - self._stub_area(len(self.switches))  # none reserved yet
+        new = [(addr, data) for addr, data in writes
+               if any(a <= addr < a + n for a, n in executable) or stubs <= addr < main.start + main.size]
+        main.runout = runout.area_size(originals, new, len(self.switches))
+        if main.runout and not placement.candidates(self._maps, main.anchors, main.size + main.runout):
+            main.runout = 0  # no room for it near the code: hot threads are waited for
+        main.size += main.runout
 
     def _map_regions(self) -> None:
         with self.target.injector() as inj:
@@ -289,7 +314,7 @@ class PatchCycle:
     def _layout(self) -> None:
         main = self.regions[0]
         self.image_base = main.start + self.record_size - self.patch.span[0]
-        main.stub_cursor = main.start + main.size - self._stub_area(len(self.switches))
+        main.stub_cursor = main.start + main.size - main.runout - self._stub_area(len(self.switches))
         for r in self.regions[1:]:
             r.stub_cursor = r.start
 
@@ -373,8 +398,8 @@ class PatchCycle:
         """Final page protections: W^X, RELRO read-only, stubs r-x."""
         calls = [(a, s, p) for a, s, p in self.image.protections]
         main = self.regions[0]
-        stubs_start = main.start + main.size - self._stub_area(len(self.switches))
-        calls.append((stubs_start, main.start + main.size - stubs_start, PROT_READ | PROT_EXEC))
+        stubs_start = main.start + main.size - main.runout - self._stub_area(len(self.switches))
+        calls.append((stubs_start, main.start + main.size - stubs_start, PROT_READ | PROT_EXEC))  # + run-out
         for r in self.regions[1:]:
             calls.append((r.start, r.size, PROT_READ | PROT_EXEC))
         with self.target.injector() as inj:
@@ -435,7 +460,7 @@ class PatchCycle:
         Never into whoever has the pid now: that memory went with our process."""
         if self._mapped:
             try:
-                operations.abort(self.target, [(r.start, r.size) for r in self.regions])
+                operations.abort(self.target, [(r.start, r.size) for r in self.regions], self.edition)
             except TargetGone:  # PidReused too: that memory is not ours to unmap
                 pass
         self._mapped = False

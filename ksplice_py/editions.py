@@ -83,6 +83,7 @@ class Edition:
     staged: bool = False  # from `hotpatch prepare`: keep it prepared until cutover/abort
     harnesses: list[str] = field(default_factory=list)  # applied at cutover and at revert
     consistency: str = "strict"  # consistency.Consistency: what the cutover required
+    runout: tuple[int, int] | None = None  # (start, size) of the run-out area (runout.py)
     applied_at: float | None = None
     pause_us: float | None = None  # the stop that switched
     attempts: int = 0
@@ -108,6 +109,8 @@ class Edition:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["regions"] = [[hex(a), s] for a, s in self.regions]
+        if self.runout:
+            d["runout"] = [hex(self.runout[0]), self.runout[1]]
         for f in d["functions"]:
             for k in ("addr", "new_addr", "stub_addr"):
                 if f[k] is not None:
@@ -198,6 +201,8 @@ def read_edition(mem: RemoteMemory, start: int) -> Edition | None:
         d = json.loads(mem.read(start + HEADER.size, n))
         d["functions"] = [FunctionSwitch(**f) for f in d["functions"]]
         d["regions"] = [tuple(r) for r in d["regions"]]
+        if d.get("runout"):
+            d["runout"] = tuple(d["runout"])
         ed = Edition(**d)
     except (ValueError, TypeError, KeyError, struct.error):
         return None

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from . import editions as ed
 from . import runout
-from .errors import BadInput, RemoteError
+from .errors import BadInput, NotQuiescent, RemoteError
 from .lifecycle import Direction, State
 from .target import Target
 from .transition import Transition
@@ -56,10 +56,15 @@ def revert(target: Target, edition: ed.Edition, timeout: float) -> Transition:
     return switch(target, edition, Direction.UNPATCH, timeout)
 
 
-def abort(target: Target, regions: list[tuple[int, int]]) -> None:
+def abort(target: Target, regions: list[tuple[int, int]], edition: ed.Edition | None = None) -> None:
     """Before any cutover: unmap an edition's memory (and with it, its
-    record); the target is exactly as before it was prepared."""
+    record); the target is exactly as before it was prepared. Not while a
+    killed tool's run-out copy in it may still hold a thread."""
     target.verify("aborting")  # that memory went with our process: never unmap in another
+    if edition is not None and runout.leftovers(runout.areas(target.mem, [edition])) \
+            and not runout.remove_leftovers(target.pid, target.mem, [edition]):
+        raise NotQuiescent(f"edition {edition.id}: a thread may still be finishing old code in the run-out "
+                           f"copy an interrupted tool left; retry later (hotpatch recover {target.pid})")
     unmap_regions(target, regions)
 
 
@@ -94,14 +99,14 @@ def recover(target: Target, timeout: float = 5.0) -> list[str]:
             for fd in leaked:
                 inj("close", fd)
         done.append(f"closed {len(leaked)} descriptor(s) an interrupted tool left open")
-    if runout.remove_leftovers(target.pid, target.mem, timeout):
+    if runout.remove_leftovers(target.pid, target.mem, eds, timeout):
         done.append("removed the run-out copy of an interrupted hot-function switch")
     for eid in orphans:  # killed before its record was complete
         abort(target, [(m.start, m.end - m.start) for m in regions[eid]])
         done.append(f"removed the memory of edition {eid}, interrupted while preparing")
     for e in eds:
         if e.state == State.PREPARING or (e.state == State.PREPARED and not e.staged):
-            abort(target, e.regions)
+            abort(target, e.regions, e)
             done.append(f"removed edition {e.id} ({e.patch}), left {e.state} by an interrupted tool")
         elif e.state in (State.SWITCHING, State.REVERTING):
             done.append(_finish_transition(target, e, timeout))

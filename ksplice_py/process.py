@@ -162,7 +162,7 @@ class Process:
     def abort(self, edition_id: int | None = None) -> ed.Edition:
         """Discard a prepared edition; its memory leaves the target."""
         return self._on_edition(edition_id, State.PREPARED, "abort", "aborting",
-                                lambda e: operations.abort(self.target, e.regions))
+                                lambda e: operations.abort(self.target, e.regions, e))
 
     def revert(self, edition_id: int | None = None, timeout: float = 5.0) -> ed.Edition:
         """Undo an applied edition (the newest by default): a cutover in

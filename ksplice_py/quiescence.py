@@ -13,6 +13,7 @@ from enum import IntEnum
 from typing import Callable, Iterable
 
 from . import editions as ed
+from .errors import HotpatchError
 from .native import header_constants
 from .x86relocator import jump_destination
 
@@ -68,15 +69,34 @@ def patch_ranges(functions: list[ed.FunctionSwitch], others: list[ed.Edition],
     edition's code too, since threads inside it would keep running
     superseded code. We do not record each new function's size, so the
     earlier edition's whole memory counts: conservative, never unsafe."""
-    old = [CodeRange(f.addr, f.addr + max(f.size, len(bytes.fromhex(f.old_bytes))), f.symbol)
-           for f in functions]
-    old += [c for f in functions for c in split_parts(f)]
+    old = old_code(functions, split_parts)
     retired = []
     for f in functions:
         below = redirected_to(f.addr, bytes.fromhex(f.old_bytes), others)
         if below:
             retired += [CodeRange(s, s + n, f"edition {below.id}") for s, n in below.regions]
     return busy_ranges(old, retired)
+
+
+def old_code(functions: list[ed.FunctionSwitch],
+             split_parts: Callable[[ed.FunctionSwitch], list[CodeRange]]) -> list[CodeRange]:
+    """The original functions a cutover retires, split-off parts included."""
+    old = [CodeRange(f.addr, f.addr + max(f.size, len(bytes.fromhex(f.old_bytes))), f.symbol)
+           for f in functions]
+    return old + [c for f in functions for c in split_parts(f)]
+
+
+def split_parts(symbols, symbol: str) -> list[CodeRange]:
+    """gcc moves unlikely code to ``name.cold``: a thread there is inside
+    the function although neither its rip nor its stack says so."""
+    out = []
+    for suffix in (".cold", ".part.0"):
+        try:
+            sym = symbols.resolve(symbol + suffix)
+        except HotpatchError:
+            continue
+        out.append(CodeRange(sym.addr, sym.addr + sym.size, sym.qualified))
+    return out
 
 
 def unpatch_ranges(edition: ed.Edition, functions: list[ed.FunctionSwitch]) -> list[CodeRange]:

@@ -12,8 +12,9 @@ while every other thread stays stopped. How, safely even if we are killed:
 * not with breakpoints in the code: a leftover int3 does the same.
 
 Instead the thread runs out through a *run-out copy*: the retired code,
-relocated into a scratch mapping (``ksplice_py:runout``), where every way
-out and every instruction we cannot follow goes through a 48-byte stub::
+relocated into the edition's *run-out area* (a part of its region that
+prepare reserves, sized for either direction, zero when unused), where every
+way out and every instruction we cannot follow goes through a 48-byte stub::
 
     lea rsp,[rsp-128]; push rax; push rcx; push r11; mov eax,39; syscall   (prefix)
     pop r11; pop rcx; pop rax; lea rsp,[rsp+128]                          (suffix)
@@ -24,10 +25,17 @@ PTRACE_SYSCALL (csrc/native/kp_advance.c): the stub's getpid stops it, and
 there the registers are set as after the exit. The syscall-trace flag *is*
 cleared when a tracer dies, and the stub then restores the registers and
 carries on by itself; so a killed tool leaves a thread that just finishes the
-old code. A call, an indirect jump, a syscall of the code itself, a signal
-or the time budget (a spin on a lock a stopped thread holds) gives up that
-thread's attempt: it is put back on the equivalent original instruction, and
-no thread is ever left in the scratch mapping after the window.
+old code. A direct call or a return into copied code goes on in the copy
+(a register-preserving thunk in front of the new code); an indirect call or
+jump, a syscall of the code itself, a signal or the time budget (a spin on a
+lock a stopped thread holds) gives up that thread's attempt: it is put back
+on the equivalent original instruction, and no thread is ever left in the
+copy after the window. The copy is written before the first attempt (mere
+writes into the target's memory: no syscall, no stop) and the area zeroed
+again when the transition ends, so the very first attempt can move threads.
+A copy that is still there when a tool starts was left by a killed one: a
+thread may still be finishing old code in it, so it is busy code to every
+transition until ``recover`` finds it empty and zeroes it.
 """
 from __future__ import annotations
 
@@ -45,18 +53,18 @@ from . import x86relocator as rel
 from . import x86writer as w
 from .errors import HotpatchError, TrampolineError
 from .maps import Mapping, read_maps
-from .constants import MAP_FIXED_NOREPLACE, MAP_PRIVATE, MFD_CLOEXEC, PROT_EXEC, PROT_READ, SYSCALLS
+from .constants import SYSCALLS
 from .quiescence import CodeRange, Verdict
-from .tracer import Injector, World
+from .tracer import World
 
-NAME = "ksplice_py:runout"
 STUB_SIZE = 48
 STUB_PREFIX = (bytes.fromhex("488d642480" "50" "51" "4153")            # lea rsp,[rsp-128]; push x3
                + b"\xb8" + SYSCALLS["getpid"].to_bytes(4, "little")    # mov eax, getpid
                + b"\x0f\x05")                                           # syscall
 STUB_SUFFIX = bytes.fromhex("415b" "59" "58" "488da42480000000")
-MAX_RANGE = 64 << 10  # bigger retired ranges (whole libraries' worth) are not copied
-MAX_TOTAL = 256 << 10
+MAX_AREA = 256 << 10  # retired code needing a bigger copy is waited for, as before
+PADDING_RUN = 4  # this many zero-byte or int3 instructions in a row: padding, not code
+TRAMPOLINE_INSNS = 16  # a trampoline, its int3 fill and a far jump with its address, decoded
 # Time for the advanced threads to get out, per attempt: a base (or twice
 # what the stop took, on a loaded machine) plus a share per thread. KSPLICE_PY_ADVANCE_BUDGET_US overrides
 # the base (the crash-safety test stretches it to be killed mid-advance).
@@ -127,6 +135,28 @@ def decode(code: bytes, addr: int) -> list[Insn]:
     return out
 
 
+def _is_padding(i: Insn) -> bool:
+    return i.raw in (b"\x00\x00", b"\xcc")
+
+
+def drop_padding(insns: list[Insn]) -> list[Insn]:
+    """Without runs of zero bytes (unused region pages decode as
+    ``add [rax],al``) and int3 fill: nobody executes them, and copying them
+    would multiply the copy's size. A thread that is there anyway is at no
+    instruction the copy holds, and is waited for."""
+    out: list[Insn] = []
+    run: list[Insn] = []
+    for i in insns:
+        if _is_padding(i) and (not run or run[-1].addr + run[-1].size == i.addr):
+            run.append(i)
+            continue
+        out += run if len(run) < PADDING_RUN else []
+        run = [i] if _is_padding(i) else []
+        if not run:
+            out.append(i)
+    return out + (run if len(run) < PADDING_RUN else [])
+
+
 def _inside(v: int, ranges: list[CodeRange]) -> bool:
     return any(r.start <= v < r.end for r in ranges)
 
@@ -136,7 +166,7 @@ class Builder:
 
     def __init__(self, code: list[tuple[int, bytes]], retired: list[CodeRange], base: int) -> None:
         self.retired, self.base = retired, base
-        self.insns = [i for addr, data in code for i in decode(data, addr)]
+        self.insns = drop_padding([i for addr, data in code for i in decode(data, addr)])
         self.index = {i.addr: n for n, i in enumerate(self.insns)}
         self.bound = size_bound(self.insns)
 
@@ -243,6 +273,9 @@ def stub_code(s: StubSpec) -> bytes:
     return body + bytes([w.INT3]) * (STUB_SIZE - len(body))
 
 
+INSN_BOUND = 15 + w.JMP_REL32_LEN + 2 * STUB_SIZE  # the most one instruction can take in the copy
+
+
 def size_bound(insns: list[Insn]) -> int:
     """Bytes the copy can take at any base: every instruction at least a
     rel32 branch long, plus a fall-through jump, plus two stubs each."""
@@ -251,30 +284,58 @@ def size_bound(insns: list[Insn]) -> int:
 
 
 def retired_code(ranges: list[CodeRange], maps: list[Mapping], read) -> list[tuple[int, bytes]]:
-    """The executable bytes of the retired ranges, small ones only."""
-    out, total = [], 0
+    """The executable bytes of ``ranges`` (what the copy holds)."""
+    out = []
     for r in ranges:
         for m in maps:
             lo, hi = max(r.start, m.start), min(r.end, m.end)
-            if lo >= hi or not m.executable or not m.readable or hi - lo > MAX_RANGE:
+            if lo >= hi or not m.executable or not m.readable:
                 continue
-            if total + hi - lo > MAX_TOTAL:
-                return out
             try:
                 out.append((lo, read(lo, hi - lo)))
             except HotpatchError:
                 continue
-            total += hi - lo
     return out
 
 
-class Runout:
-    """One transition's run-out copy: mapped before the first attempt that
-    needs it, unmapped when the transition ends."""
+def area_size(originals: list[tuple[int, bytes]], new: list[tuple[int, bytes]], trampolines: int) -> int:
+    """The run-out area an edition reserves: room for the copy of either
+    direction's code, given as (address, bytes) chunks: the original
+    functions (a cutover), or the new code and stubs plus ``trampolines``
+    entry jumps and far jumps written later (a revert). 0 when that would
+    exceed MAX_AREA: such code is waited for, as before."""
+    cut = Builder(originals, [], 0).bound if originals else 0
+    back = Builder(new, [], 0).bound + trampolines * TRAMPOLINE_INSNS * INSN_BOUND
+    need = max(cut, back)
+    return placement.page_up(need) if need <= MAX_AREA else 0
 
-    def __init__(self, pid: int, mem, ranges: list[CodeRange]) -> None:
-        self.pid, self.mem, self.ranges = pid, mem, ranges
-        self.base = self.size = 0
+
+def without(ranges: list[CodeRange], area: tuple[int, int] | None) -> list[CodeRange]:
+    """``ranges`` minus the run-out area (a revert copies its edition's
+    code, not the area the copy goes to)."""
+    if not area:
+        return ranges
+    lo, hi = area[0], area[0] + area[1]
+    out = []
+    for r in ranges:
+        out += [CodeRange(a, b, r.name) for a, b in ((r.start, min(r.end, lo)), (max(r.start, hi), r.end)) if a < b]
+    return out
+
+
+def is_clean(data: bytes) -> bool:
+    return not data.strip(b"\0")
+
+
+class Runout:
+    """One transition's run-out copy, in the edition's run-out area
+    ``area`` = (start, size): written before the first attempt, zeroed when
+    the transition ends. ``copy``: the ranges it holds; ``retired``: every
+    range no thread may be left in (a branch there is a barrier)."""
+
+    def __init__(self, pid: int, mem, area: tuple[int, int], copy: list[CodeRange],
+                 retired: list[CodeRange]) -> None:
+        self.pid, self.mem = pid, mem
+        self.area, self.copy_ranges, self.ranges = area, copy, retired
         self.plan: Plan | None = None
         self.lost = False
         self.notes: dict[int, str] = {}  # tid -> why its last advance gave up
@@ -283,19 +344,21 @@ class Runout:
         self._moved_in = None  # the World of the last window we moved threads in
 
     # -- outside the window ------------------------------------------------------
-    def prepare(self) -> bool:
-        """Build and map the copy; False when there is nothing to copy."""
-        maps = read_maps(self.pid)
-        code = retired_code(self.ranges, maps, self.mem.read)
+    def prepare(self, maps: list[Mapping]) -> bool:
+        """Plan the copy and write it into the area; False when it is not
+        used this time (no room, or a killed tool's copy still there: that
+        one is busy code, see ``leftovers``)."""
+        start, size = self.area
+        if not is_clean(self.mem.read(start, size)):
+            return False
+        code = retired_code(self.copy_ranges, maps, self.mem.read)
         if not code:
             return False
-        builder = Builder(code, self.ranges, 0)
-        self.size = placement.page_up(builder.bound)
-        with Injector(self.pid, self.mem) as inj:
-            self.base = map_scratch(inj, self.mem, maps, [a for a, _ in code], self.size)
-        builder.base = self.base
-        self.plan = builder.plan()
-        self.mem.write(self.base, self.plan.code)
+        plan = Builder(code, self.ranges, start).plan()
+        if len(plan.code) > size:
+            return False
+        self.mem.write(start, plan.code)
+        self.plan = plan
         self._tables()
         return True
 
@@ -316,19 +379,12 @@ class Runout:
         self.ro = ro
 
     def close(self) -> None:
-        """Remove the scratch mapping, unless a thread may still run in it
-        (then ``recover`` removes it once no thread is inside)."""
-        if not self.base or self.lost:
-            return
-        for retry in range(6):
-            try:
-                with Injector(self.pid, self.mem) as inj:
-                    inj("munmap", self.base, self.size)
-                self.base = 0
-                return
-            except HotpatchError:  # no thread to borrow right now (loaded machine), or gone
-                time.sleep(0.05 * (retry + 1))
-        # Left for recover; it is busy code to every transition meanwhile.
+        """Zero the copy again, unless a thread may still run in it (lost
+        by a failed ptrace call: then ``recover`` zeroes it once no thread
+        is inside)."""
+        if self.plan is not None and not self.lost:
+            self.mem.write(self.area[0], bytes(len(self.plan.code)))
+        self.plan = None
 
     # -- inside the window ----------------------------------------------------------
     def advance(self, world, unsafe: int, scan, stop_us: float = 0.0) -> int:
@@ -368,46 +424,40 @@ class Runout:
         return unsafe
 
 
-def map_scratch(inj: Injector, mem, maps: list[Mapping], anchors: list[int], size: int) -> int:
-    """A named, private r-x memfd mapping within rel32 reach of ``anchors``."""
-    name_addr = inj.scratch
-    mem.write(name_addr, NAME.encode() + b"\0")
-    fd = inj.checked("memfd_create", name_addr, MFD_CLOEXEC)
-    try:
-        inj.checked("ftruncate", fd, size)
-        for hint in placement.candidates(maps, anchors, size)[:16]:
-            addr = inj("mmap", hint, size, PROT_READ | PROT_EXEC, MAP_PRIVATE | MAP_FIXED_NOREPLACE, fd, 0)
-            if addr == hint:
-                return addr
-            if not -4096 < addr < 0:
-                inj("munmap", addr, size)
-        raise HotpatchError(f"no free address range near the retired code in process {inj.pid}")
-    finally:
-        inj("close", fd)
+def leftovers(editions) -> list[CodeRange]:
+    """Run-out copies a killed tool left in editions' areas (``editions``:
+    (edition, area bytes) pairs). A thread may still be in one, finishing
+    old code: they count as busy code for every transition."""
+    return [CodeRange(e.runout[0], e.runout[0] + e.runout[1], f"a run-out copy left by an interrupted tool "
+                      f"(edition {e.id})") for e, data in editions if not is_clean(data)]
 
 
-def leftovers(maps: list[Mapping]) -> list[CodeRange]:
-    """Run-out copies a killed tool left behind. A thread may still be in
-    one, finishing old code: they count as busy code for every transition."""
-    return [CodeRange(m.start, m.end, "a run-out copy left by an interrupted tool")
-            for m in maps if m.path.startswith(f"/memfd:{NAME}")]
+def areas(mem, editions) -> list:
+    """(edition, its run-out area's bytes) for every edition that has one."""
+    out = []
+    for e in editions:
+        if e.runout:
+            try:
+                out.append((e, mem.read(*e.runout)))
+            except HotpatchError:
+                continue
+    return out
 
 
-def remove_leftovers(pid: int, mem, timeout: float = 5.0) -> int:
-    """Unmap the leftover run-out copies once no thread is inside one (rip
+def remove_leftovers(pid: int, mem, editions, timeout: float = 5.0) -> int:
+    """Zero the leftover run-out copies once no thread is inside one (rip
     or stack; nothing else can enter a copy), retrying until ``timeout``.
     Returns how many were removed (0: none, or still busy: left for later)."""
-    left = leftovers(read_maps(pid))
+    left = leftovers(areas(mem, editions))
     deadline = time.monotonic() + timeout
     while left:
         with World(pid).seize() as world:
             late = world.stop(0.2)
             busy = late or world.scan([(r.start, r.end) for r in left], read_maps(pid))
-        if not busy:
-            with Injector(pid, mem) as inj:
+            if not busy:
                 for r in left:
-                    inj("munmap", r.start, r.end - r.start)
-            return len(left)
+                    mem.write(r.start, bytes(r.end - r.start))
+                return len(left)
         if time.monotonic() > deadline:
             break
         time.sleep(0.05)

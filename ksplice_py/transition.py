@@ -38,7 +38,6 @@ class AttemptResult:
     blockers: list[Blocker] = field(default_factory=list)
     verdicts: list[tuple[int, int, int]] = field(default_factory=list)  # (tid, verdict, address)
     late: bool = False  # a thread did not stop, or a harness vetoed
-    in_rip: bool = False  # some thread was executing retired code (hot-function case)
 
 
 def sleep_backoff(attempt: int, remaining: float) -> None:
@@ -68,7 +67,7 @@ class Transition:
         # code (either way) while a thread is inside the resolver is unsafe.
         self.ranges = quiescence.busy_ranges(
             self._busy_ranges(others), harness.critical_ranges(self.harnesses, target.symbols)
-            + runout.leftovers(read_maps(self.pid)))
+            + runout.leftovers(runout.areas(self.mem, [edition, *others])))
         self.checks = [h for h in self.harnesses if h.check]
         self.writes = self._writes()
         # What is there now, to put back if a write fails half-way (in C).
@@ -81,7 +80,7 @@ class Transition:
         self._copies: list[StackCopy] = []  # flagged stacks of the last attempt
         self._vetoes: list[tuple[int, str]] = []
         self.last_split: dict[str, float] = {}
-        self.runout: runout.Runout | None = None  # when a thread was in retired code
+        self.runout: runout.Runout | None = None  # the run-out copy (hot functions), while it is out
         self._backtraces: dict[int, list[int]] = {}
 
     # -- init: everything computed before any thread stops ------------------------
@@ -115,16 +114,17 @@ class Transition:
         return quiescence.unpatch_ranges(self.edition, self.functions)
 
     def _split_parts(self, f: ed.FunctionSwitch) -> list[CodeRange]:
-        """gcc moves unlikely code to ``name.cold``: a thread there is inside
-        the function although neither its rip nor its stack says so."""
-        out = []
-        for suffix in (".cold", ".part.0"):
-            try:
-                sym = self.target.symbols.resolve(f.symbol + suffix)
-            except HotpatchError:
-                continue
-            out.append(CodeRange(sym.addr, sym.addr + sym.size, sym.qualified))
-        return out
+        return quiescence.split_parts(self.target.symbols, f.symbol)
+
+    def _copyable(self) -> list[CodeRange]:
+        """What the run-out copy holds: the retired code threads run out of
+        in a few instructions. Not an earlier edition's memory nor a
+        harness's critical code (big; waited for, as before)."""
+        if self.direction is Direction.PATCH and self.edition.consistency == Consistency.NEW_CALLS:
+            return self.ranges
+        if self.direction is Direction.PATCH:
+            return quiescence.old_code(self.functions, self._split_parts)
+        return runout.without(quiescence.unpatch_ranges(self.edition, self.functions), self.edition.runout)
 
     def _writes(self) -> list[tuple[int, bytes]]:
         """The window's one batch: the state while switching, every
@@ -143,6 +143,7 @@ class Transition:
         for h in self.harnesses:
             if h.before_cutover:
                 h.before_cutover(self.target, self.edition)
+        self._open_runout()
         try:
             return self._retry(deadline, timeout)
         finally:
@@ -168,7 +169,6 @@ class Transition:
                 # one more attempt, with precise unwinding, even when time is up
                 self.load_unwinder()
                 remaining = max(remaining, 0.001)
-            self._open_runout(result)
             if self._worth_retrying_now(result) and not quick_retry and remaining > 0:
                 quick_retry = True  # once in a row: never a busy loop of stops
                 continue
@@ -196,28 +196,26 @@ class Transition:
     def probe(self) -> AttemptResult:
         """A check without writing; a blocked probe is retried once with
         precise unwinding so its verdict and explanation are the real ones."""
-        self.attempts += 1
-        result = self.try_complete(write=False)
-        if not result.done:
-            self.load_unwinder()
-            self._open_runout(result)
+        self._open_runout()
+        try:
             self.attempts += 1
-            try:
+            result = self.try_complete(write=False)
+            if not result.done:
+                self.load_unwinder()
+                self.attempts += 1
                 result = self.try_complete(write=False)
-            finally:
-                self._close_runout()
+        finally:
+            self._close_runout()
         return result
 
-    def _open_runout(self, result: AttemptResult) -> None:
-        """Hot functions (runout.py): once an attempt found a thread executing
-        retired code, map the run-out copy that lets the next attempts move
-        such threads out instead of waiting for them."""
-        if result.in_rip and self.runout is None:
-            self.runout = runout.Runout(self.pid, self.mem, self.ranges)
-            try:
-                self.runout.prepare()
-            except HotpatchError:  # no room near the code, say: wait as before
-                self.runout.plan = None
+    def _open_runout(self) -> None:
+        """Hot functions (runout.py): write the run-out copy into the
+        edition's area, so that any attempt can move threads executing
+        retired code out of it instead of waiting for them."""
+        if self.edition.runout and self.runout is None:
+            r = runout.Runout(self.pid, self.mem, self.edition.runout, self._copyable(), self.ranges)
+            if r.prepare(read_maps(self.pid)):
+                self.runout = r
 
     def _close_runout(self) -> None:
         if self.runout is not None:
@@ -270,8 +268,7 @@ class Transition:
             return AttemptResult(True, pause)
         blockers = self._blockers(verdicts) + [
             Blocker(tid, quiescence.thread_name(self.pid, tid), reason) for tid, reason in self._vetoes]
-        return AttemptResult(False, pause, blockers, verdicts, bool(late or self._vetoes),
-                             in_rip=any(v == Verdict.IN_RIP for _, v, _ in verdicts))
+        return AttemptResult(False, pause, blockers, verdicts, bool(late or self._vetoes))
 
     def _advance_step(self, maps):
         """Hot functions (runout.py): the step that moves threads out of

@@ -20,11 +20,16 @@ import time
 
 import pytest
 
+from ksplice_py import editions as ed
+from ksplice_py import runout
+from ksplice_py.errors import HotpatchError
+from ksplice_py.maps import read_maps
+from ksplice_py.memory import RemoteMemory
+
 from conftest import (HOTPATCH, assert_error, assert_not_stopped, assert_ok, describe, run_hotpatch,
                       tracer_pid, wait_until)
 
 COUNTERS = 1280  # per-worker call counters in the status file (hot.c)
-RUNOUT = "ksplice_py:runout"
 
 
 def counters(target, n: int) -> list[int]:
@@ -38,9 +43,14 @@ def assert_all_progress(target, n: int, timeout: float = 5.0) -> None:
                lambda: f"all {n} workers of {target.pid} to make progress")
 
 
-def runout_maps(pid: int) -> list[str]:
-    with open(f"/proc/{pid}/maps") as f:
-        return [line for line in f if RUNOUT in line]
+def runout_copies(pid: int) -> list[int]:
+    """Editions whose run-out area holds a copy (it is zero when unused)."""
+    mem = RemoteMemory(pid)
+    try:
+        eds, _ = ed.list_editions(mem, read_maps(pid))
+        return [e.id for e, data in runout.areas(mem, eds) if not runout.is_clean(data)]
+    except HotpatchError:  # the tool is writing the record right now
+        return []
 
 
 def assert_unharmed(target, n: int) -> None:
@@ -49,7 +59,7 @@ def assert_unharmed(target, n: int) -> None:
     assert tracer_pid(target.pid) == 0
     target.assert_healthy()  # results were always the old or the new ones; no EINTR
     assert_all_progress(target, n)
-    assert not runout_maps(target.pid), "run-out copy left in the target"
+    assert not runout_copies(target.pid), "run-out copy left in the target"
 
 
 # --- the premise -----------------------------------------------------------------
@@ -201,9 +211,9 @@ def kill_mid_advance(target, patch, delay: float) -> tuple[int, bool]:
     tool = subprocess.Popen([HOTPATCH, "apply", "--timeout", "30", str(target.pid), str(patch)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     t0 = time.monotonic()
-    while tool.poll() is None and not runout_maps(target.pid) and time.monotonic() - t0 < 60:
+    while tool.poll() is None and not runout_copies(target.pid) and time.monotonic() - t0 < 60:
         time.sleep(0.0002)
-    had = bool(runout_maps(target.pid))
+    had = bool(runout_copies(target.pid))
     time.sleep(delay)
     tool.kill()
     _, err = tool.communicate(timeout=30)
@@ -235,7 +245,7 @@ def test_sigkill_while_threads_are_moved_out(build, spawn, monkeypatch, mode, wo
         assert tracer_pid(target.pid) == 0
         target.assert_healthy()
         assert_all_progress(target, workers, timeout=10)
-        landed += had_copy and rc == -9 and bool(runout_maps(target.pid))
+        landed += had_copy and rc == -9 and bool(runout_copies(target.pid))
         cp = run_hotpatch("recover", "--json", target.pid, timeout=120)
         assert_ok(cp)
         if json.loads(run_hotpatch("list", "--json", target.pid).stdout):

@@ -161,6 +161,15 @@ def markdown(res: dict) -> str:
                   str(r["wrong_results"]), str(r["not_patched"]), str(r["tool_failed"]),
                   "; ".join(n[:120] for n in r["notes"][:3]).replace("|", "/") or "-"]
                  for r in res["survival"]])
+    if res.get("hot"):
+        import hot as hot_bench  # benchmarks/hot.py, on sys.path beside run.py
+        L += ["## Hot functions: N workers calling a short leaf back to back", "",
+              "`benchmarks/hot.py`: a fresh target per run, N workers calling a 37-byte leaf "
+              "(`lib`: in a shared library through the PLT; `exe`: in the executable) with no "
+              "other work between calls; ours with `--timeout 2`, apply then revert; *floor*: "
+              "one stop + release of the same target; *harmed*: died, a wrong result, or a "
+              "worker no longer progressing afterwards.", ""]
+        L += hot_bench.table(res["hot"]).splitlines() + [""]
     return "\n".join(L)
 
 

@@ -6,6 +6,8 @@ cache     end-to-end `hotpatch apply` with an empty, a cold and a warm cache
 cutover   one cutover switching k = 1, 10, 100, 1000 functions
 steady    calls/s of compute() before and after the patch, measured in the target
 survival  64 busy workers; how often each tool leaves the target dead or broken
+hot       the hot-function workload (benchmarks/hot.py): N workers calling a short
+          leaf back to back; success with --timeout 2, wall, pause vs floor, stall
 """
 from __future__ import annotations
 
@@ -407,3 +409,16 @@ def _survival_tool(cfg: Config, name: str, runs: int, cycle) -> dict:
     log(f"survival {name}: {runs} runs, died {counts['died']}, hung {counts['hung']}, "
         f"wrong {counts['wrong_results']}, tool failed {counts['tool_failed']}")
     return row
+
+
+# -- hot functions -------------------------------------------------------------------------------
+def hot(cfg: Config) -> list[dict]:
+    """benchmarks/hot.py's workload, with the peers found for the other suites."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    import hot as hot_bench  # benchmarks/hot.py
+    work = Path(tempfile.mkdtemp(prefix="ksplice-hot-", dir=cfg.work))
+    try:
+        return hot_bench.run_all(cfg.ours.hotpatch, cfg.peers, work, 3 if cfg.quick else 10,
+                                 [4, 64, 256], ["lib", "exe"], 2.0)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)

@@ -18,6 +18,17 @@ HERE = Path(__file__).resolve().parent.parent  # benchmarks/
 OP_TIMEOUT = 120.0
 
 
+def compile_bytecode(hotpatch: str) -> str:
+    """Byte-compile ksplice_py with the tool's own interpreter, as a wheel
+    install does: an editable checkout under PYTHONDONTWRITEBYTECODE=1
+    recompiles every module on every run (0.4 s of a 0.5 s apply)."""
+    python = Path(hotpatch).read_text().splitlines()[0].removeprefix("#!").strip()
+    cp = subprocess.run([python, "-c", "import ksplice_py, compileall, os; "
+                         "print(compileall.compile_dir(os.path.dirname(ksplice_py.__file__), quiet=1))"],
+                        capture_output=True, text=True, timeout=300)
+    return "compiled" if cp.returncode == 0 and cp.stdout.strip() == "True" else f"not compiled: {cp.stderr[-200:]}"
+
+
 @dataclass
 class OpResult:
     tool: str
