@@ -25,6 +25,11 @@ from .identity import status_field
 from .maps import Mapping, read_maps
 
 MAX_THREADS = 1 << 20
+# How long one borrowed thread may take to stop before the injector stops
+# them all instead (Injector._borrow_from_stopped_world).
+BORROW_PATIENCE_US = 20_000
+WORLD_STOP_TIMEOUT = 0.5
+PTRACE_EVENT_STOP = 128
 
 
 def list_tids(pid: int) -> list[int]:
@@ -355,7 +360,9 @@ def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
 class Injector:
     """One thread of the target, borrowed to run raw syscalls.
 
-    Only that thread pauses (a few µs per syscall); the others keep running.
+    Only that thread pauses (a few µs per syscall); the others keep running
+    — unless it takes long to stop, a sign that spinning threads hold every
+    CPU: then all are stopped while it is borrowed (_borrow_from_stopped_world).
     Raw syscalls are safe at any instruction: unlike calling dlopen or malloc
     in the target they take no user-space lock. They run from a
     self-restoring stub written into code padding, with its save area on the
@@ -373,6 +380,7 @@ class Injector:
         self.block: stub.StackBlock | None = None
         self._restore: list[tuple[int, bytes]] = []  # (addr, original bytes), put back on exit
         self._stale = False  # the padding held a stub a killed tool left
+        self._world: World | None = None  # when every thread was stopped to borrow one
 
     def __enter__(self) -> "Injector":
         maps = read_maps(self.pid)
@@ -403,8 +411,11 @@ class Injector:
             if rc != 0:
                 raise _seize_error(self.pid, tid, -rc)
             self._t[0].tid, self._t[0].state, self._n[0] = tid, self.lib.KP_RUNNING, 1
-            if self.lib.kp_stop_all(self._t, self._n, 8, 500_000) == 0 and \
-                    self._t[0].state == self.lib.KP_STOPPED:
+            if self.lib.kp_stop_all(self._t, self._n, 8, BORROW_PATIENCE_US):
+                # Still running: the World adopts it (seized by us, our
+                # interrupt pending) rather than wait here to release it.
+                return self._borrow_from_stopped_world(maps)
+            if self._t[0].state == self.lib.KP_STOPPED:
                 block = stub.StackBlock(self._t[0].regs.rsp)
                 if block.fits(maps):
                     self.tid, self.block = tid, block
@@ -414,6 +425,30 @@ class Injector:
         if no_room:
             raise RemoteError(f"no stopped thread of process {self.pid} has {stub.RET_SKIP + 8 * len(stub.SLOTS) + stub.SCRATCH} "
                               "bytes of mapped stack below its red zone for the syscall stub")
+        raise TargetGone(f"no thread of process {self.pid} could be stopped to run a syscall")
+
+    def _borrow_from_stopped_world(self, maps: list[Mapping]) -> None:
+        """The CPUs are busy (threads spinning): one thread waits its turn
+        behind all of them, for each of its syscalls (measured: 0.1-0.5 s
+        each among 256 spinning threads on 2 CPUs), while stopping them all
+        takes what one stopped window takes. So stop them all, borrow one,
+        and release them all when done."""
+        world = World(self.pid).seize()
+        try:
+            world.stop(WORLD_STOP_TIMEOUT)
+            order = sorted(range(world._n[0]), key=lambda i: world._arr[i].tid != self.tid)
+            for i in order:
+                t = world._arr[i]
+                if t.state != self.lib.KP_STOPPED or t.event not in (0, PTRACE_EVENT_STOP):
+                    continue
+                block = stub.StackBlock(t.regs.rsp)
+                if block.fits(maps) and self.lib.kp_set_options(t.tid, self.lib.KP_SYSCALL_STOPS) == 0:
+                    self._t, self.tid, self.block, self._world = world._arr + i, t.tid, block, world
+                    return
+        except BaseException:
+            world.release()
+            raise
+        world.release()
         raise TargetGone(f"no thread of process {self.pid} could be stopped to run a syscall")
 
     def _place(self, pad: stub.Padding, code: bytes) -> None:
@@ -463,6 +498,9 @@ class Injector:
                 return
 
     def _release(self) -> None:
+        if self._world is not None:
+            self._world.release()
+            return
         release_threads(self.lib, self.pid, self._t, self._n, 8)
 
     def __exit__(self, *exc: object) -> None:

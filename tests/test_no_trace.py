@@ -140,6 +140,27 @@ def test_revert_of_the_last_edition_leaves_no_trace(build, quiet):
     assert_no_trace(quiet, before, "revert of the last edition")
 
 
+def test_syscalls_with_every_thread_stopped_leave_no_trace(build, quiet, monkeypatch):
+    """When borrowing one thread takes long (spinning threads hold every
+    CPU), the injector stops them all and borrows one of them: apply and
+    revert that way leave the target exactly as before, the holder still
+    blocked in its read, never woken."""
+    from ksplice_py.tracer import Injector
+    used = []
+
+    def world_only(self, maps):
+        used.append(self.pid)
+        return Injector._borrow_from_stopped_world(self, maps)
+    monkeypatch.setattr(Injector, "_borrow", world_only)
+    before = trace(quiet.pid)
+    with ksplice_py.attach(quiet.pid) as proc:
+        proc.apply(str(build.patch("compute_mul")), timeout=5)
+        assert trace(quiet.pid)[1] != before[1], "premise: apply changed the code"
+        proc.revert(timeout=5)
+    assert len(used) >= 3, "premise: prepare, link and cleanup injected with the world stopped"
+    assert_no_trace(quiet, before, "apply + revert, syscalls injected with every thread stopped")
+
+
 def test_recover_of_an_orphan_leaves_no_trace(build, quiet):
     """A tool killed after mapping its region leaves a `preparing` record;
     `recover` removes it and, with it, every trace."""

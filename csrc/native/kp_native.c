@@ -30,11 +30,22 @@ double kp_now_us(void)
     return ts.tv_sec * 1e6 + ts.tv_nsec / 1e3;
 }
 
+static long ptrace_options(int options)
+{
+    return ((options & KP_FOLLOW_CLONES) ? PTRACE_O_TRACECLONE : 0)
+         | ((options & KP_SYSCALL_STOPS) ? PTRACE_O_TRACESYSGOOD : 0);
+}
+
 int kp_seize(int tid, int options)
 {
-    long opts = ((options & KP_FOLLOW_CLONES) ? PTRACE_O_TRACECLONE : 0)
-              | ((options & KP_SYSCALL_STOPS) ? PTRACE_O_TRACESYSGOOD : 0);
-    if (ptrace(PTRACE_SEIZE, tid, 0, (void *)opts) == 0)
+    if (ptrace(PTRACE_SEIZE, tid, 0, (void *)ptrace_options(options)) == 0)
+        return 0;
+    return -errno;
+}
+
+int kp_set_options(int tid, int options)
+{
+    if (ptrace(PTRACE_SETOPTIONS, tid, 0, (void *)ptrace_options(options)) == 0)
         return 0;
     return -errno;
 }

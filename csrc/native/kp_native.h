@@ -89,6 +89,9 @@ struct kp_window {
 /* Seize one thread with KP_* options. Returns 0 or -errno. */
 int kp_seize(int tid, int options);
 
+/* Change a stopped, seized thread's KP_* options. Returns 0 or -errno. */
+int kp_set_options(int tid, int options);
+
 /* Interrupt every RUNNING thread of t[0..*n) and wait until each is stopped,
  * gone, or the deadline passes. Threads born meanwhile are appended (up to
  * cap) and waited for too. Registers of stopped threads are read. Returns the
