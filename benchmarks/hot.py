@@ -118,7 +118,7 @@ def floor_us(pid: int, reps: int = 5) -> float | None:
         w = World(pid).seize()
         t0 = w.lib.kp_now_us()
         try:
-            late = w.stop(0.2)
+            late = w.stop(0.2, realtime=True)  # as the stopped window does
         finally:
             w.release()
         if not late:

@@ -66,8 +66,10 @@ MAX_AREA = 256 << 10  # retired code needing a bigger copy is waited for, as bef
 PADDING_RUN = 4  # this many zero-byte or int3 instructions in a row: padding, not code
 TRAMPOLINE_INSNS = 16  # a trampoline, its int3 fill and a far jump with its address, decoded
 # Time for the advanced threads to get out, per attempt: a base (or twice
-# what the stop took, on a loaded machine) plus a share per thread. KSPLICE_PY_ADVANCE_BUDGET_US overrides
-# the base (the crash-safety test stretches it to be killed mid-advance).
+# what the stop took, on a loaded machine) plus a share per thread, extended
+# by the base whenever a thread gets out (up to 4x; kp_advance_all).
+# KSPLICE_PY_ADVANCE_BUDGET_US overrides the base (the crash-safety test
+# stretches it to be killed mid-advance).
 BUDGET_US = int(os.environ.get("KSPLICE_PY_ADVANCE_BUDGET_US", 2000))
 BUDGET_PER_THREAD_US = 40
 
@@ -405,7 +407,7 @@ class Runout:
         t0 = lib.kp_now_us()
         result = ffi.new("int[]", len(idx))
         out = lib.kp_advance_all(world.pid, world._arr, ffi.new("int[]", idx), len(idx),
-                                 self.ro, budget_us(len(idx), stop_us), result)
+                                 self.ro, budget_us(len(idx), stop_us), BUDGET_US, result)
         self.advanced += out
         self.last_us = lib.kp_now_us() - t0
         self.notes = {threads[n].tid: GIVE_UP.get(result[j], "could not be advanced")

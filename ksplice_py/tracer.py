@@ -105,6 +105,7 @@ class World:
         self._cap = 64
         self._arr = self.ffi.new("struct kp_thread[]", self._cap)
         self._n = self.ffi.new("int *", 0)
+        self._rt: tuple[int, int] | None = None  # the scheduling to restore after a realtime stop
 
     # -- attach -----------------------------------------------------------
     def seize(self) -> "World":
@@ -150,8 +151,14 @@ class World:
         self._arr, self._cap = new, cap
 
     # -- the stopped window ----------------------------------------------
-    def stop(self, timeout_s: float) -> list[int]:
-        """Stop all threads. Returns tids that did not stop in time."""
+    def stop(self, timeout_s: float, realtime: bool = False) -> list[int]:
+        """Stop all threads. Returns tids that did not stop in time.
+        ``realtime``: at SCHED_FIFO, as the stopped window stops them, until
+        ``release``."""
+        if realtime and self._rt is None:
+            old = self.ffi.new("int[2]")
+            self.lib.kp_rt_enter(old, old + 1)
+            self._rt = (old[0], old[1])
         # Room for threads born during the stop, grown before, not inside;
         # a thread born past the room would stay in its auto-attach stop.
         if self._cap - self._n[0] < 1024:
@@ -221,6 +228,9 @@ class World:
         stopped briefly so none is left in a ptrace-stop behind us; the
         kernel detaches the rest when we exit."""
         release_threads(self.lib, self.pid, self._arr, self._n, self._cap)
+        if self._rt is not None:
+            self.lib.kp_rt_leave(*self._rt)
+            self._rt = None
 
     def __enter__(self) -> "World":
         return self
@@ -435,7 +445,7 @@ class Injector:
         and release them all when done."""
         world = World(self.pid).seize()
         try:
-            world.stop(WORLD_STOP_TIMEOUT)
+            world.stop(WORLD_STOP_TIMEOUT, realtime=True)
             order = sorted(range(world._n[0]), key=lambda i: world._arr[i].tid != self.tid)
             for i in order:
                 t = world._arr[i]

@@ -267,14 +267,50 @@ static double now_us(void)
 }
 
 #define MAX_ADVANCE 4096
+static int phase[MAX_ADVANCE];
+static char interrupted[MAX_ADVANCE];
+
+static int slot_of(const int *idx, int k, int i)
+{
+    for (int j = 0; j < k; j++)
+        if (idx[j] == i)
+            return j;
+    return -1;
+}
+
+/* Wait for every advancing thread once (when kp_next_event cannot tell). */
+static int sweep(int pid, struct kp_thread *t, const int *idx, int k, const struct kp_runout *ro,
+                 int *result, int *running)
+{
+    int progress = 0;
+    for (int j = 0; j < k; j++) {
+        if (phase[j] == DONE)
+            continue;
+        struct kp_thread *th = &t[idx[j]];
+        int st = 0;
+        pid_t w = waitpid(th->tid, &st, __WALL | WNOHANG);
+        if (w == 0)
+            continue;
+        progress++;
+        int v = w < 0 ? (th->state = KP_GONE, KP_ADV_GONE) : on_stop(pid, ro, th, st, &phase[j]);
+        if (v >= 0) {
+            result[j] = v;
+            phase[j] = DONE;
+            (*running)--;
+        }
+    }
+    return progress;
+}
 
 int kp_advance_all(int pid, struct kp_thread *t, const int *idx, int k,
-                   const struct kp_runout *ro, long budget_us, int *result)
+                   const struct kp_runout *ro, long budget_us, long quiet_us, int *result)
 {
-    static int phase[MAX_ADVANCE];
-    static char interrupted[MAX_ADVANCE];
     if (k > MAX_ADVANCE)
         k = MAX_ADVANCE;
+    int idx_max = 0;   /* kp_next_event looks at t[0..idx_max) */
+    for (int j = 0; j < k; j++)
+        if (idx[j] + 1 > idx_max)
+            idx_max = idx[j] + 1;
     int running = 0;
     for (int j = 0; j < k; j++) {
         phase[j] = DONE;
@@ -285,32 +321,35 @@ int kp_advance_all(int pid, struct kp_thread *t, const int *idx, int k,
             running++;
         }
     }
-    double deadline = now_us() + (double)budget_us;
-    /* After the budget: interrupt the stragglers; they stop at once (user
-     * code) or at their next syscall entry. The second deadline only guards
-     * against a thread that gets no CPU for seconds (a starved machine). */
-    double hard = deadline + 2000000.0;
+    double started = now_us(), deadline = started + (double)budget_us;
+    /* While threads keep getting out, each gets quiet_us more (up to four
+     * budgets): on a VM a thread's wake-up and stop cost tens of µs, and
+     * giving up on 250 threads that are all making their way out wastes the
+     * attempt. After the budget: interrupt the stragglers; they stop at once
+     * (user code) or at their next syscall entry. The second deadline only
+     * guards against a thread that gets no CPU for seconds (a starved machine). */
+    double longest = started + 4.0 * (double)budget_us, hard = longest + 2000000.0;
+    double idle_since = now_us();
+    int interrupting = 0;
     while (running) {
-        int progress = 0;
-        for (int j = 0; j < k; j++) {
-            if (phase[j] == DONE)
-                continue;
-            struct kp_thread *th = &t[idx[j]];
-            int st = 0;
-            pid_t w = waitpid(th->tid, &st, __WALL | WNOHANG);
-            if (w == 0)
-                continue;
+        int progress = 0, st = 0, i = -1;
+        while (running && (i = kp_next_event(t, idx_max, &st)) >= 0) {
+            int j = slot_of(idx, k, i);
             progress++;
-            int v = w < 0 ? (th->state = KP_GONE, KP_ADV_GONE)
-                          : on_stop(pid, ro, th, st, &phase[j]);
+            if (j < 0 || phase[j] == DONE)
+                continue;   /* only advancing threads are RUNNING: cannot happen */
+            int v = on_stop(pid, ro, &t[i], st, &phase[j]);
             if (v >= 0) {
                 result[j] = v;
                 phase[j] = DONE;
                 running--;
             }
         }
+        if (i == -2)
+            progress += sweep(pid, t, idx, k, ro, result, &running);
         double now = now_us();
         if (now > deadline) {
+            interrupting = 1;
             for (int j = 0; j < k; j++)
                 if (phase[j] != DONE && !interrupted[j]) {
                     interrupted[j] = 1;
@@ -319,11 +358,12 @@ int kp_advance_all(int pid, struct kp_thread *t, const int *idx, int k,
         }
         if (now > hard)
             break;
-        if (!progress) {
-            /* We run SCHED_FIFO here: sleep, do not yield, or the threads
-             * we wait for never get our CPU. */
-            struct timespec ts = {0, 10000};
-            nanosleep(&ts, NULL);
+        if (progress) {
+            idle_since = now;
+            if (now + (double)quiet_us > deadline && !interrupting)
+                deadline = now + (double)quiet_us < longest ? now + (double)quiet_us : longest;
+        } else {
+            kp_idle(idle_since);   /* at SCHED_FIFO: a short sleep, never a spin */
         }
     }
     int out = 0;

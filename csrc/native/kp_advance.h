@@ -45,9 +45,10 @@ struct kp_runout {
 };
 
 /* Advance the threads t[idx[0..k)] (stopped, rip in retired code) at once,
- * for at most budget_us; each gets a KP_ADV_* verdict in result[]. A thread
+ * for budget_us, extended by quiet_us after each thread that gets out (up to
+ * 4 * budget_us); each gets a KP_ADV_* verdict in result[]. A thread
  * that did not get out is put back exactly at the equivalent instruction of
  * the original code, in a stop that keeps any signal it received. Returns
  * how many got out. */
 int kp_advance_all(int pid, struct kp_thread *t, const int *idx, int k,
-                   const struct kp_runout *ro, long budget_us, int *result);
+                   const struct kp_runout *ro, long budget_us, long quiet_us, int *result);

@@ -153,14 +153,87 @@ static int on_status(struct kp_thread *t, int *n, int cap, struct kp_thread *th,
     return 1;
 }
 
-/* Waiting without progress: yield for up to idle_yield_us, then sleep.
- * A sleep's wake-up queues behind the machine's load (milliseconds on a
+int kp_next_event(const struct kp_thread *t, int n, int *st)
+{
+    siginfo_t si;
+    si.si_pid = 0;
+    /* Peek (WNOWAIT): a child that is not one of t[] keeps its status. */
+    if (waitid(P_ALL, 0, &si, WEXITED | WSTOPPED | WNOHANG | WNOWAIT | __WALL) != 0 || !si.si_pid)
+        return -1;
+    for (int i = 0; i < n; i++)
+        if (t[i].tid == si.si_pid && t[i].state == KP_RUNNING)
+            return waitpid(t[i].tid, st, __WALL | WNOHANG) == t[i].tid ? i : -2;
+    return -2;
+}
+
+int kp_rt_enter(int *old_policy, int *old_priority)
+{
+    struct sched_param rt = {1}, old;
+    int policy = sched_getscheduler(0);
+    *old_policy = -1;
+    if (policy == SCHED_FIFO || sched_getparam(0, &old) != 0 || sched_setscheduler(0, SCHED_FIFO, &rt) != 0)
+        return 0;
+    *old_policy = policy;
+    *old_priority = old.sched_priority;
+    return 1;
+}
+
+void kp_rt_leave(int old_policy, int old_priority)
+{
+    if (old_policy >= 0) {
+        struct sched_param old = {old_priority};
+        sched_setscheduler(0, old_policy, &old);
+    }
+}
+
+/* Waiting without progress. At SCHED_FIFO: sleep (an RT wake-up preempts
+ * the load at once, and sleeping leaves our CPU to the threads that must
+ * reach their stop). Otherwise yield for up to idle_yield_us, then sleep:
+ * a CFS sleep's wake-up queues behind the machine's load (milliseconds on a
  * busy 2-core machine: 64 threads stopped in 1.0-1.2 ms yielding against
  * 1.5-2.7 ms once it slept after 64 rounds), while a yield hands the CPU
  * to the threads that must reach their stop; the sleeps only spare the CPU
  * when a thread will not stop at all (uninterruptible sleep). */
 static const long idle_yield_us = 20000;
 static const long idle_sleep_ns = 20000;
+static const long rt_sleep_ns = 10000;
+
+void kp_idle(double idle_since_us)
+{
+    if (sched_getscheduler(0) == SCHED_FIFO) {
+        struct timespec ts = {0, rt_sleep_ns};
+        nanosleep(&ts, NULL);
+    } else if (kp_now_us() - idle_since_us < idle_yield_us) {
+        sched_yield();
+    } else {
+        struct timespec ts = {0, idle_sleep_ns};
+        nanosleep(&ts, NULL);
+    }
+}
+
+/* Wait for every RUNNING thread once: all at once, each waited for alone. */
+static int sweep(struct kp_thread *t, int *n, int cap, int *pending)
+{
+    int progress = 0;
+    *pending = 0;
+    for (int i = 0; i < *n; i++) {
+        struct kp_thread *th = &t[i];
+        if (th->state != KP_RUNNING)
+            continue;
+        int st = 0;
+        pid_t r = waitpid(th->tid, &st, __WALL | WNOHANG);
+        if (r == 0) {
+            (*pending)++;
+            continue;
+        }
+        progress++;
+        if (r < 0)             /* ECHILD: exited and reaped, or not ours */
+            th->state = KP_GONE;
+        else
+            on_status(t, n, cap, th, st);
+    }
+    return progress;
+}
 
 int kp_stop_all(struct kp_thread *t, int *n, int cap, long timeout_us)
 {
@@ -171,40 +244,31 @@ int kp_stop_all(struct kp_thread *t, int *n, int cap, long timeout_us)
             t[i].state = KP_GONE;
 
     double idle_since = kp_now_us();
-    for (;;) {
-        int pending = 0, progress = 0;
-        for (int i = 0; i < *n; i++) {
-            struct kp_thread *th = &t[i];
-            if (th->state != KP_RUNNING)
-                continue;
-            int st = 0;
-            pid_t r = waitpid(th->tid, &st, __WALL | WNOHANG);
-            if (r == 0) {
-                pending++;
-                continue;
-            }
-            if (r < 0) {           /* ECHILD: exited and reaped, or not ours */
-                th->state = KP_GONE;
-                progress++;
-                continue;
-            }
+    for (int swept = 0;; swept = 0) {
+        /* Events first, one syscall each; a full sweep only when a child
+         * that is not ours is ready, or nothing seems to move (a thread
+         * reaped behind our back). */
+        int progress = 0, pending = 0, st = 0, i;
+        while ((i = kp_next_event(t, *n, &st)) >= 0) {
+            on_status(t, n, cap, &t[i], st);
             progress++;
-            on_status(t, n, cap, th, st);
         }
+        if (i == -2 || !progress) {
+            progress += sweep(t, n, cap, &pending);
+            swept = 1;
+        }
+        if (!swept)
+            for (int j = 0; j < *n; j++)
+                pending += t[j].state == KP_RUNNING;
         if (!pending)
             return 0;
         double now = kp_now_us();
         if (now > deadline)
             return pending;
-        /* Threads need CPU to reach their stop; on few cores, give it. */
-        if (progress) {
+        if (progress)
             idle_since = now;
-        } else if (now - idle_since < idle_yield_us) {
-            sched_yield();
-        } else {
-            struct timespec ts = {0, idle_sleep_ns};
-            nanosleep(&ts, NULL);
-        }
+        else
+            kp_idle(idle_since);
     }
 }
 
@@ -387,8 +451,12 @@ int kp_window_open(struct kp_thread *t, int *n, int cap, struct kp_window *w)
     w->arena_used = 0;
     w->old_policy = -1;
     w->t0 = kp_now_us();
-    /* stop: at normal priority, interrupted threads need a CPU to reach
-     * their stop (at SCHED_FIFO our polling keeps them off ours) */
+    /* SCHED_FIFO from the first interrupt: at normal priority the spinning
+     * threads we interrupt preempt us between interrupts and between reaps
+     * (and, once stopped, released threads would take our CPU while the
+     * rest of the world waits). We sleep, never spin, while they stop. */
+    if (w->realtime)
+        kp_rt_enter(&w->old_policy, &w->old_priority);
     w->late = kp_stop_all(t, n, cap, w->stop_timeout_us);
     w->stop_us = kp_now_us() - w->t0;
     w->scan_us = w->write_us = 0;
@@ -397,16 +465,6 @@ int kp_window_open(struct kp_thread *t, int *n, int cap, struct kp_window *w)
             if (t[i].state == KP_RUNNING)
                 t[i].unsafe = KP_NOT_STOPPED;
         return 0;
-    }
-    if (w->realtime) {
-        /* from here on nothing of the target should run: released threads
-         * would otherwise take our CPU while the rest of the world waits */
-        struct sched_param rt = {1}, old;
-        int policy = sched_getscheduler(0);
-        if (sched_getparam(0, &old) == 0 && sched_setscheduler(0, SCHED_FIFO, &rt) == 0) {
-            w->old_policy = policy;
-            w->old_priority = old.sched_priority;
-        }
     }
     /* scan, then a second look at what it flagged */
     double t_scan = kp_now_us();
@@ -438,10 +496,7 @@ int kp_window_close(struct kp_thread *t, int *n, int cap, struct kp_window *w, i
     double end = kp_now_us();
     w->release_us = end - t_release;
     w->pause_us = end - w->t0;
-    if (w->old_policy >= 0) {
-        struct sched_param old = {w->old_priority};
-        sched_setscheduler(0, w->old_policy, &old);
-    }
+    kp_rt_leave(w->old_policy, w->old_priority);
     return done;
 }
 

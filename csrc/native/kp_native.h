@@ -98,6 +98,19 @@ int kp_set_options(int tid, int options);
  * number of threads that did not stop in time (0 = world stopped). */
 int kp_stop_all(struct kp_thread *t, int *n, int cap, long timeout_us);
 
+/* One ready wait status of a RUNNING thread of t[0..n), consumed into *st:
+ * its index; -1 when none is ready; -2 when a ready child is not one of
+ * them (peeked, left for its owner: the caller waits per thread instead). */
+int kp_next_event(const struct kp_thread *t, int n, int *st);
+
+/* SCHED_FIFO for the calling thread: returns 1 and what to restore, or 0
+ * (not allowed, or already FIFO; *old_policy = -1). */
+int kp_rt_enter(int *old_policy, int *old_priority);
+void kp_rt_leave(int old_policy, int old_priority);
+
+/* One pause of a wait loop that made no progress since idle_since_us. */
+void kp_idle(double idle_since_us);
+
 /* Conservative quiescence scan of stopped threads: a thread is unsafe when its
  * rip or any aligned word from rsp to its stack's top lies in one of the
  * sorted, disjoint ranges [lo[i], hi[i]). stack_lo/stack_hi: sorted disjoint

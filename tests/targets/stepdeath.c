@@ -1,8 +1,12 @@
-/* stepdeath.c — the premise of runout.py, checked on the running kernel:
- * does a tracee survive its tracer's SIGKILL while single-stepping, and
- * while under PTRACE_SYSCALL?
- *
- *   stepdeath step|syscall    prints "killed by signal N" or "alive"
+/* stepdeath.c — the premises of runout.py and the injector, checked on the
+ * running kernel: does a tracee survive its tracer's SIGKILL
+ *   step            while single-stepping (a loop without syscalls)?
+ *   syscall         while under PTRACE_SYSCALL with PTRACE_O_TRACESYSGOOD,
+ *                   stopped at or running to a syscall stop (a getppid loop)?
+ *   syscall-nogood  the same without TRACESYSGOOD?
+ * Prints "killed by signal N" or "alive". (Without TRACESYSGOOD the stop's
+ * code is a plain SIGTRAP, which ptrace_report_syscall sends the tracee when
+ * no tracer resumed it with another; 0x80|SIGTRAP is no signal and is not.)
  */
 #define _GNU_SOURCE
 #include <signal.h>
@@ -11,29 +15,35 @@
 #include <sys/ptrace.h>
 #include <sys/wait.h>
 #include <unistd.h>
+#include <sys/syscall.h>
 
 int main(int argc, char **argv)
 {
     if (argc < 2)
         return 2;
     int request = strcmp(argv[1], "step") ? PTRACE_SYSCALL : PTRACE_SINGLESTEP;
+    long options = strcmp(argv[1], "syscall") ? 0 : PTRACE_O_TRACESYSGOOD;
     pid_t target = fork();
     if (!target)
         for (volatile int x = 0;; x++)
-            ;
+            if (request == PTRACE_SYSCALL)
+                syscall(SYS_getppid);
     int ready[2];
     if (pipe(ready))
         return 3;
     pid_t tracer = fork();
     if (!tracer) {
-        ptrace(PTRACE_SEIZE, target, 0, 0);
+        ptrace(PTRACE_SEIZE, target, 0, (void *)options);
         ptrace(PTRACE_INTERRUPT, target, 0, 0);
         waitpid(target, NULL, __WALL);
         ptrace(request, target, 0, 0);
         if (request == PTRACE_SINGLESTEP) { /* one step done, stepping again */
             waitpid(target, NULL, __WALL);
             ptrace(request, target, 0, 0);
-        } /* (the loop makes no syscall: it runs on under PTRACE_SYSCALL) */
+        } else { /* at a syscall stop when killed, or on its way to one */
+            waitpid(target, NULL, __WALL);
+            ptrace(request, target, 0, 0);
+        }
         if (write(ready[1], "x", 1) != 1)
             return 3;
         for (;;)
