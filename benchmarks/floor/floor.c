@@ -10,11 +10,12 @@
  * pay for it). The benchmark runs it on the same target as ours.
  *
  * It waits the way ours does, since on a loaded 2-core machine the wait
- * policy, not the work, decides the pause: it polls (WNOHANG, yielding the
- * CPU between rounds) instead of sleeping in waitpid, where every wake-up
- * queues behind the machine's load, and it runs SCHED_FIFO from the moment
- * every thread is stopped until all are released (released threads would
- * otherwise take its CPU while the others wait). */
+ * policy, not the work, decides the pause: SCHED_FIFO from the first
+ * interrupt to the last detach (at normal priority the threads it
+ * interrupts preempt it between interrupts and between reaps, and released
+ * threads would take its CPU while the others wait), reaping whichever
+ * thread has stopped (one waitpid(-1) each: it has no other children) and
+ * sleeping 10 µs, never spinning, while none has. */
 #define _GNU_SOURCE
 #include <dirent.h>
 #include <errno.h>
@@ -66,17 +67,23 @@ int main(int argc, char **argv)
         return 1;
     }
 
+    struct sched_param rt = {1}, normal = {0};
+    sched_setscheduler(0, SCHED_FIFO, &rt);
     double t0 = now_us();
     static char stopped[MAX_THREADS];
     for (int i = 0; i < n; i++)
         ptrace(PTRACE_INTERRUPT, tids[i], 0, 0);
     for (int pending = n; pending;) {
-        int progress = 0;
+        int st;
+        pid_t w = waitpid(-1, &st, __WALL | WNOHANG);
+        if (w <= 0) {
+            struct timespec ts = {0, 10000};
+            nanosleep(&ts, NULL);
+            continue;
+        }
         for (int i = 0; i < n; i++) {
-            int st;
-            if (stopped[i] || waitpid(tids[i], &st, __WALL | WNOHANG) == 0)
+            if (tids[i] != w || stopped[i])
                 continue;
-            progress = 1;
             if (WIFSTOPPED(st) && (st >> 16) == 0) {
                 /* a signal arrived first: it counts as the stop (and cleared
                  * the interrupt); the signal goes back on release */
@@ -86,11 +93,7 @@ int main(int argc, char **argv)
             }
             pending--;
         }
-        if (!progress)
-            sched_yield();
     }
-    struct sched_param rt = {1}, normal = {0};
-    sched_setscheduler(0, SCHED_FIFO, &rt);
     if (pwrite(mem, &word, sizeof word, (off_t)addr) != sizeof word)
         perror("pwrite");
     for (int i = 0; i < n; i++)
