@@ -296,13 +296,18 @@ class PatchCycle:
             originals += [(r.start, self.mem.read(r.start, r.end - r.start))
                           for r in quiescence.split_parts(self.target.symbols, sw.sym.qualified)]
         executable = [(a, n) for a, n, prot in self.image.protections if prot & PROT_EXEC]
-        stubs = main.start + main.size - self._stub_area(len(self.switches))  # none reserved yet
+        stubs = self._stubs_start()  # no run-out area reserved yet
         new = [(addr, data) for addr, data in writes
                if any(a <= addr < a + n for a, n in executable) or stubs <= addr < main.start + main.size]
         main.runout = runout.area_size(originals, new, len(self.switches))
         if main.runout and not placement.candidates(self._maps, main.anchors, main.size + main.runout):
             main.runout = 0  # no room for it near the code: hot threads are waited for
         main.size += main.runout
+
+    def _stubs_start(self) -> int:
+        """Where the main region's stub area begins: before its run-out area, at its end."""
+        main = self.regions[0]
+        return main.start + main.size - main.runout - self._stub_area(len(self.switches))
 
     def _map_regions(self) -> None:
         with self.target.injector() as inj:
@@ -314,7 +319,7 @@ class PatchCycle:
     def _layout(self) -> None:
         main = self.regions[0]
         self.image_base = main.start + self.record_size - self.patch.span[0]
-        main.stub_cursor = main.start + main.size - main.runout - self._stub_area(len(self.switches))
+        main.stub_cursor = self._stubs_start()
         for r in self.regions[1:]:
             r.stub_cursor = r.start
 
@@ -398,7 +403,7 @@ class PatchCycle:
         """Final page protections: W^X, RELRO read-only, stubs r-x."""
         calls = [(a, s, p) for a, s, p in self.image.protections]
         main = self.regions[0]
-        stubs_start = main.start + main.size - main.runout - self._stub_area(len(self.switches))
+        stubs_start = self._stubs_start()
         calls.append((stubs_start, main.start + main.size - stubs_start, PROT_READ | PROT_EXEC))  # + run-out
         for r in self.regions[1:]:
             calls.append((r.start, r.size, PROT_READ | PROT_EXEC))
